@@ -55,6 +55,7 @@ SUBCOMMANDS = {
     "plot": "editlab.plots",  # local PNG figures + report.html from run dirs (issue 6)
     "report": "editlab.report",  # the paper's figures as a W&B report (issue 6)
     "train-mend": "editlab.mend.train",  # train a MEND editor network (issue 9)
+    "compare": "editlab.compare",  # one table of many runs at the same edit (issue 8)
 }
 
 

@@ -155,9 +155,7 @@ def test_encore_solve_constrains_norm_and_keeps_past_keys(tmp_path, data_root):
 @pytest.mark.parametrize("method", [
     "emmet",
     "alphaedit",
-    # Known gap (issue 8 stays open): measured ES [0, 1, 1, 0, 1] on SmolLM2 with these settings;
-    # ENCORE's early stop / norm constraint need tuning for this model.
-    pytest.param("encore", marks=pytest.mark.xfail(reason="ENCORE reaches ES 0.6 < 0.8 on SmolLM2; untuned", strict=False)),
+    "encore",
 ])
 def test_five_sequential_edits_take_on_smollm2(method, smollm, cache_dir, data_root):
     cfg = compose("model=smollm2-135m", f"method={method}", "method.mom2_n_tokens=20000",
