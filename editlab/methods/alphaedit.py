@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 
 from editlab.data.requests import EditRequest
-from editlab.methods.memit import MEMITEditor, MEMITHparams
+from editlab.methods.memit import MEMITHparams
+from editlab.methods.past_keys import PastKeysEditor
 from editlab.models.loading import LoadedModel
 
 
@@ -45,35 +46,12 @@ def alphaedit_solve(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor,
     return resid.double(), torch.linalg.solve(lhs, p @ k)
 
 
-class PastKeys:
-    """Running Σ k kᵀ of the keys of every edit made so far, per layer (editor state)."""
-
-    def __init__(self):
-        self.moments: dict[int, torch.Tensor] = {}
-
-    def get(self, layer: int, d: int, device) -> torch.Tensor:
-        m = self.moments.get(layer)
-        return torch.zeros(d, d, dtype=torch.float64, device=device) if m is None else m.to(device)
-
-    def add(self, keys: dict[int, torch.Tensor]) -> None:
-        for layer, k in keys.items():
-            k = k.double()
-            self.moments[layer] = self.get(layer, k.shape[0], k.device) + k @ k.T
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(l): m.cpu() for l, m in self.moments.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.moments = {int(l): m.double() for l, m in state.items()}
-
-
-class AlphaEditEditor(MEMITEditor):
+class AlphaEditEditor(PastKeysEditor):
     name = "alphaedit"
     Hparams = AlphaEditHparams
 
     def __init__(self, hparams, ctx):
         super().__init__(hparams, ctx)
-        self.past = PastKeys()
         self.projectors: dict[int, torch.Tensor] = {}  # derived from the cached statistics
 
     def prepare(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
@@ -91,13 +69,3 @@ class AlphaEditEditor(MEMITEditor):
         proj = self.projectors[layer].to(lm.device)
         self.solve_info[f"nullspace_dim_L{layer}"] = float(round(float(proj.trace())))
         return alphaedit_solve(keys, resid, proj, self.past.get(layer, keys.shape[0], lm.device), self.hp.L2)
-
-    def edited(self, keys):
-        self.past.add(keys)
-
-    def state_dict(self):
-        return {**super().state_dict(), "past_keys": self.past.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.past.load_state_dict(state.get("past_keys") or {})

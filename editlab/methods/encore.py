@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from editlab.methods.alphaedit import PastKeys
-from editlab.methods.memit import MEMITEditor, MEMITHparams
+from editlab.methods.memit import MEMITHparams
+from editlab.methods.past_keys import PastKeysEditor
 
 
 @dataclass
@@ -36,13 +36,9 @@ def encore_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
     return resid.double(), torch.linalg.solve(lam * cov.double() + past.double() + k @ k.T + lam_norm * eye, k)
 
 
-class ENCOREEditor(MEMITEditor):
+class ENCOREEditor(PastKeysEditor):
     name = "encore"
     Hparams = ENCOREHparams
-
-    def __init__(self, hparams, ctx):
-        super().__init__(hparams, ctx)
-        self.past = PastKeys()
 
     def target_options(self):
         return {"argmax_patience": self.hp.mpes_patience}
@@ -51,13 +47,3 @@ class ENCOREEditor(MEMITEditor):
         past = self.past.get(layer, keys.shape[0], lm.device)
         return encore_solve(keys, resid, self.stats.mom2(layer, lm.device), self.hp.mom2_update_weight, past,
                             self.hp.norm_constraint)
-
-    def edited(self, keys):
-        self.past.add(keys)
-
-    def state_dict(self):
-        return {**super().state_dict(), "past_keys": self.past.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.past.load_state_dict(state.get("past_keys") or {})
