@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editlab.data.counterfact import DataError
-from editlab.data.glue import TASKS, GlueExample, GlueTask, load_task
+from editlab.data.glue import GlueExample, GlueTask, load_task
 from editlab.evaluate.downstream import DownstreamEval
 
 GLUE = "glue/paper_subsets/gradual-catastrophic-forgetting"

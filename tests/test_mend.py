@@ -9,7 +9,7 @@ from conftest import compose
 from editlab.data.requests import EditRequest
 from editlab.deltas import DeltaLedger
 from editlab.evaluate.scoring import encode
-from editlab.mend.data import Excluded, OverlapError, check_disjoint, evaluated_records, training_records
+from editlab.mend.data import OverlapError, check_disjoint, evaluated_records, training_records
 from editlab.mend.factor import edit_loss, gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
 from editlab.mend.train import Trainer, TrainConfig

@@ -4,12 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlab.data import build_requests
 from editlab.deltas import DeltaLedger
-from editlab.evaluate.rewrite import score_requests
-from editlab.methods import EditorContext, build_editor
 
-from conftest import compose
+from conftest import compose, sequential_efficacy
 from test_rome_memit import make
 
 
@@ -58,15 +55,5 @@ def test_one_matrix_only(tmp_path, data_root):
 @pytest.mark.slow
 def test_five_sequential_edits_take_on_smollm2(smollm, cache_dir, data_root):
     cfg = compose("model=smollm2-135m", "method=locft_bf")
-    editor = build_editor(cfg.method, cfg.model.name, EditorContext(cache_dir=cache_dir, data_root=data_root, seed=0))
-    requests = build_requests(cfg.data, cfg.sample)[:5]
-    editor.prepare(smollm, requests)
-    ledger = DeltaLedger(smollm.model)
-    es = []
-    try:
-        for r in requests:
-            ledger.apply(editor.apply(smollm, [r]))
-            es.append(score_requests(smollm.model, smollm.tok, [r], neighborhood=False)[0]["es"])
-    finally:
-        ledger.reset()
+    es = sequential_efficacy(smollm, cfg, 5, cache_dir, data_root)
     assert sum(es) / len(es) >= 0.8, es

@@ -5,16 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
-from editlab.evaluate.rewrite import score_requests
 from editlab.evaluate.scoring import encode
-from editlab.methods import EditorContext, build_editor
+from editlab.methods import build_editor
 from editlab.methods.alphaedit import alphaedit_solve, null_space_projector
 from editlab.methods.emmet import emmet_solve
 from editlab.methods.zopt import optimize_target
 
-from conftest import compose
+from conftest import compose, sequential_efficacy
 from test_rome_memit import make
 
 
@@ -160,16 +157,5 @@ def test_encore_solve_constrains_norm_and_keeps_past_keys(tmp_path, data_root):
 def test_five_sequential_edits_take_on_smollm2(method, smollm, cache_dir, data_root):
     cfg = compose("model=smollm2-135m", f"method={method}", "method.mom2_n_tokens=20000",
                   "method.context_templates=[[5,2]]")
-    ctx = EditorContext(cache_dir=cache_dir, data_root=data_root, seed=0)
-    editor = build_editor(cfg.method, cfg.model.name, ctx)
-    requests = build_requests(cfg.data, cfg.sample)[:5]
-    editor.prepare(smollm, requests)
-    ledger = DeltaLedger(smollm.model)
-    es = []
-    try:
-        for r in requests:
-            ledger.apply(editor.apply(smollm, [r]))
-            es.append(score_requests(smollm.model, smollm.tok, [r], neighborhood=False)[0]["es"])
-    finally:
-        ledger.reset()
+    es = sequential_efficacy(smollm, cfg, 5, cache_dir, data_root)
     assert sum(es) / len(es) >= 0.8, es

@@ -9,14 +9,13 @@ from safetensors import safe_open
 
 from editlab.data import build_requests
 from editlab.deltas import DeltaLedger
-from editlab.evaluate.rewrite import score_requests
 from editlab.methods import EditorContext, build_editor
 from editlab.methods import stats as stats_mod
 from editlab.methods.keys import io_at_subject
 from editlab.methods.memit import memit_solve
 from editlab.models import load_model
 
-from conftest import compose
+from conftest import compose, sequential_efficacy
 
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-gptj"]
 
@@ -145,16 +144,6 @@ def test_bad_input_fails_before_editing(override, message, tmp_path, data_root):
         make("tiny-gpt2", "rome", tmp_path, override)
 
 
-def _sequential_efficacy(lm, editor, requests):
-    ledger = DeltaLedger(lm.model)
-    es = []
-    for r in requests:
-        ledger.apply(editor.apply(lm, [r]))
-        es.append(score_requests(lm.model, lm.tok, [r], neighborhood=False)[0]["es"])
-    ledger.reset()
-    return es
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_ten_sequential_edits_take_on_smollm2(method, smollm, cache_dir, data_root):
@@ -162,9 +151,5 @@ def test_ten_sequential_edits_take_on_smollm2(method, smollm, cache_dir, data_ro
     # cores; the statistics share the cache of `python -m bench rome_layers`.
     extra = ["method.context_templates=[[5,2],[10,2]]"] if method == "rome" else []
     cfg = compose("model=smollm2-135m", f"method={method}", "method.mom2_n_tokens=20000", *extra)
-    ctx = EditorContext(cache_dir=cache_dir, data_root=data_root, seed=0)
-    editor = build_editor(cfg.method, cfg.model.name, ctx)
-    requests = build_requests(cfg.data, cfg.sample)[:10]
-    editor.prepare(smollm, requests)
-    es = _sequential_efficacy(smollm, editor, requests)
+    es = sequential_efficacy(smollm, cfg, 10, cache_dir, data_root)
     assert sum(es) / len(es) >= 0.9, es
