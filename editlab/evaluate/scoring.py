@@ -65,15 +65,15 @@ class PairScore:
     token_acc: float  # fraction of target tokens that are the argmax under teacher forcing
 
 
-def target_logprobs(
+def target_logits(
     model: PreTrainedModel, encs: Sequence[Encoded], pad_id: int, last_token: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities of every target token, differentiable, in one padded forward.
+    """Logits at the positions that predict each target token, in one padded forward.
 
-    Returns ``(logp, hit, owner)``: per target token its log-probability, whether it is the
-    argmax, and the index of the pair it belongs to.  With ``last_token`` every target token is
-    read at the prompt's last position (the reference FT code's objective) instead of being
-    teacher-forced.
+    Returns ``(logits [n_target_tokens, vocab], targets, owner)``: per target token the logits it
+    is read from, its id, and the index of the pair it belongs to.  With ``last_token`` every
+    target token is read at the prompt's last position (the reference FT code's objective)
+    instead of being teacher-forced.  Only those positions are unembedded.
     """
     device = next(model.parameters()).device
     # The last target token is never an input: drop it from the sequence.
@@ -89,7 +89,18 @@ def target_logprobs(
             tgt.append(t)
     rows_t = torch.tensor(rows, device=device)
     logits = model.get_output_embeddings()(hidden[rows_t, torch.tensor(cols, device=device)]).float()
-    tgt_t = torch.tensor(tgt, device=device)
+    return logits, torch.tensor(tgt, device=device), rows_t
+
+
+def target_logprobs(
+    model: PreTrainedModel, encs: Sequence[Encoded], pad_id: int, last_token: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of every target token, differentiable (see ``target_logits``).
+
+    Returns ``(logp, hit, owner)``: per target token its log-probability, whether it is the
+    argmax, and the index of the pair it belongs to.
+    """
+    logits, tgt_t, rows_t = target_logits(model, encs, pad_id, last_token)
     logp = torch.log_softmax(logits, dim=-1).gather(1, tgt_t[:, None])[:, 0]
     return logp, logits.argmax(-1) == tgt_t, rows_t
 

@@ -4,9 +4,13 @@ Each step edits ``edits_per_step`` CounterFact training records: the editor turn
 ``-log p(target_new | rewrite prompt)`` at the unedited model into an update of the configured MLP
 matrices; the loss is ``c_edit * L_edit + L_loc`` with ``L_edit`` the NLL of ``target_new`` after
 the paraphrase prompts of the edited model and ``L_loc`` the KL divergence from the unedited to
-the edited next-token distributions on unrelated prompts (the record's neighbourhood prompt and
-another record's rewrite prompt).  Adam; periodic validation on held-out records; the editor is
-checkpointed to ``mend.out_dir`` and training resumes from there.
+the edited next-token distributions on unrelated facts (the record's neighbourhood prompt and
+another record's rewrite prompt, each followed by its true object).  As EasyEdit's MEND trainer,
+the KL is read only where the unrelated fact's answer tokens are predicted: averaged over every
+position of the prompt it is dominated by positions no edit is meant to touch, and neighbourhood
+success collapsed (SmolLM2, 300 steps: NS 0.75 -> 0.06 on 50 held-out single edits).  Adam;
+periodic validation on held-out records; the editor is checkpointed to ``mend.out_dir`` and
+training resumes from there.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from editlab.data.requests import EditRequest
-from editlab.evaluate.scoring import encode, mean_per_pair, pad_batch, target_logprobs
+from editlab.evaluate.scoring import Encoded, encode, mean_per_pair, target_logits, target_logprobs
 from editlab.mend.data import Excluded, evaluated_records, training_records
 from editlab.mend.factor import edit_loss, gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
@@ -67,12 +71,17 @@ class TrainConfig:
             raise ValueError("mend.val_every and mend.save_every must be >= 1, mend.c_edit > 0")
 
 
-def next_token_logp(lm: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
-    """Log-softmax over the vocabulary at every real position of ``texts``: [n_tokens, vocab]."""
-    seqs = [lm.tok(t).input_ids for t in texts]
-    ids, mask = pad_batch(seqs, lm.tok.pad_token_id, lm.device)
-    logits = lm.model(input_ids=ids, attention_mask=mask).logits
-    return torch.log_softmax(logits[mask.bool()].float(), dim=-1)
+def locality_facts(tok, records: Sequence[EditRequest], unrelated: Sequence[EditRequest]) -> list[Encoded]:
+    """(prompt, true object) pairs an edit of ``records`` must leave alone: each record's first
+    neighbourhood prompt and each unrelated record's rewrite prompt."""
+    return ([encode(tok, r.neighborhood_prompts[0], r.target_true) for r in records]
+            + [encode(tok, r.rewrite_prompt, r.target_true) for r in unrelated])
+
+
+def answer_logp(lm: LoadedModel, facts: Sequence[Encoded]) -> torch.Tensor:
+    """Log-softmax over the vocabulary where each fact's answer tokens are predicted: [n_tokens, vocab]."""
+    logits, _, _ = target_logits(lm.model, facts, lm.tok.pad_token_id)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def kl_from(base_logp: torch.Tensor, edited_logp: torch.Tensor) -> torch.Tensor:
@@ -95,12 +104,12 @@ class Trainer:
         pre, factors = gradient_factors(self.lm, self.layers, [encode(tok, r.rewrite_prompt, r.target_new) for r in batch])
         updates = self.net.updates(factors)
         outer = [encode(tok, p, r.target_new) for r in batch for p in r.paraphrase_prompts]
-        loc = [r.neighborhood_prompts[0] for r in batch] + [r.rewrite_prompt for r in unrelated]
+        loc = locality_facts(tok, batch, unrelated)
         with torch.no_grad():
-            base = next_token_logp(self.lm, loc)
+            base = answer_logp(self.lm, loc)
         with with_updates(self.lm.table, updates):
             l_edit = edit_loss(self.lm, outer)
-            l_loc = kl_from(base, next_token_logp(self.lm, loc))
+            l_loc = kl_from(base, answer_logp(self.lm, loc))
         return {"loss": self.cfg.c_edit * l_edit + l_loc, "edit": l_edit, "loc": l_loc,
                 "pre_edit": torch.tensor(pre)}
 
@@ -124,26 +133,27 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Single edits of held-out records: efficacy, paraphrase success, locality KL, edit NLL."""
+        """Single edits of held-out records: efficacy, paraphrase and neighbourhood success (as the
+        stream scores them, on the first paraphrase and neighbourhood prompt), locality KL, edit NLL."""
         self.net.eval()
         tok, n = self.lm.tok, len(self.val)
-        sums = {"val_es": 0.0, "val_ps": 0.0, "val_loc": 0.0, "val_edit": 0.0}
+        sums = {"val_es": 0.0, "val_ps": 0.0, "val_ns": 0.0, "val_loc": 0.0, "val_edit": 0.0}
         for i, r in enumerate(self.val):
             _, factors = gradient_factors(self.lm, self.layers, [encode(tok, r.rewrite_prompt, r.target_new)])
             updates = self.net.updates(factors)
             other = self.val[(i + 1) % n]
-            loc = [r.neighborhood_prompts[0], other.rewrite_prompt]
-            base = next_token_logp(self.lm, loc)
-            para = r.paraphrase_prompts[0]
-            pairs = [(r.rewrite_prompt, r.target_new), (r.rewrite_prompt, r.target_true),
-                     (para, r.target_new), (para, r.target_true)]
+            loc = locality_facts(tok, [r], [other])
+            base = answer_logp(self.lm, loc)
+            para, neighbour = r.paraphrase_prompts[0], r.neighborhood_prompts[0]
+            pairs = [(p, t) for p in (r.rewrite_prompt, para, neighbour) for t in (r.target_new, r.target_true)]
             encs = [encode(tok, p, t) for p, t in pairs]
             with with_updates(self.lm.table, updates):
                 logp, _, owner = target_logprobs(self.lm.model, encs, tok.pad_token_id)
-                rw_new, rw_true, para_new, para_true = mean_per_pair(-logp, owner, len(encs)).tolist()
-                sums["val_loc"] += float(kl_from(base, next_token_logp(self.lm, loc)))
+                rw_new, rw_true, para_new, para_true, nb_new, nb_true = mean_per_pair(-logp, owner, len(encs)).tolist()
+                sums["val_loc"] += float(kl_from(base, answer_logp(self.lm, loc)))
             sums["val_es"] += float(rw_new < rw_true)
             sums["val_ps"] += float(para_new < para_true)
+            sums["val_ns"] += float(nb_true < nb_new)
             sums["val_edit"] += para_new
         return {k: v / max(n, 1) for k, v in sums.items()}
 
@@ -206,8 +216,10 @@ def plot_curve(history: list[dict], file: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
-    for key, label in (("val_es", "efficacy"), ("val_ps", "paraphrase")):
-        ax3.plot([r["step"] for r in va], [r[key] for r in va], "o-", label=label)
+    for key, label in (("val_es", "efficacy"), ("val_ps", "paraphrase"), ("val_ns", "neighbourhood")):
+        points = [(r["step"], r[key]) for r in va if key in r]  # val_ns: absent from older histories
+        if points:
+            ax3.plot(*zip(*points), "o-", label=label)
     ax3.set_ylim(-0.05, 1.05)
     ax3.set_title("validation success")
     ax3.set_xlabel("step")
