@@ -12,7 +12,7 @@ from editlab.evaluate.scoring import encode
 from editlab.mend.data import OverlapError, check_disjoint, evaluated_records, training_records
 from editlab.mend.factor import edit_loss, gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
-from editlab.mend.train import Trainer, TrainConfig
+from editlab.mend.train import Trainer, TrainConfig, answer_logp, kl_from, locality_facts
 
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-gptj"]
 LAYERS = [1, 2, 3]
@@ -189,3 +189,20 @@ def test_train_command_checkpoints_resumes_and_runs_in_the_stream(data_root, tmp
     assert hp["editor_path"] == str(out.resolve()) and len(hp["editor_sha256"]) == 64
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 4
+
+
+@pytest.mark.parametrize("tiny", ["tiny-gpt2"], indirect=True)
+def test_locality_is_read_where_the_unrelated_answers_are_predicted(tiny):
+    recs = records(3)
+    facts = locality_facts(tiny.tok, recs[:1], recs[1:])
+    assert [f.target for f in facts] == [encode(tiny.tok, "x", r.target_true).target for r in recs]
+    got = answer_logp(tiny, facts)
+    assert got.shape == (sum(len(f.target) for f in facts), tiny.model.config.vocab_size)
+    want = []
+    with torch.no_grad():
+        for f in facts:  # unbatched, full logits: rows from the prompt's last token to the answer's last-but-one
+            seq = torch.tensor([list(f.prompt) + list(f.target[:-1])])
+            logits = tiny.model(input_ids=seq).logits[0].float()
+            want.append(torch.log_softmax(logits[len(f.prompt) - 1:], dim=-1))
+    assert torch.allclose(got.detach(), torch.cat(want), atol=1e-5)
+    assert float(kl_from(got, got)) == 0.0
