@@ -176,7 +176,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -225,7 +225,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         f = path / name
         if not f.exists():
             raise CorruptCheckpoint(f"checkpoint {path}: {name} is missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {path}: {name} does not match its checksum in state.json")
     try:
         with safe_open(str(path / "deltas.safetensors"), framework="pt") as f:
@@ -426,7 +426,7 @@ class Checkpointer:
         files = {}
         for name in ("deltas.safetensors", "state.safetensors"):
             _fsync(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
         state = {
             "format": FORMAT,
             "edit": edit,

@@ -6,7 +6,6 @@ The hash that identifies an editor in a run's config is the sha256 of ``editor.s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from editlab.checkpoint import sha256_file
 from editlab.mend.net import MENDNet, NetSpec
 
 WEIGHTS = "editor.safetensors"
@@ -36,15 +36,7 @@ def save_editor(out_dir: Path, net: MENDNet, meta: dict[str, Any]) -> str:
     tmp = out_dir / (CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2))
     _replace(tmp, out_dir / CONFIG)
-    return sha256(out_dir / WEIGHTS)
-
-
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(out_dir / WEIGHTS)
 
 
 def spec_of(config: dict[str, Any], where: Path) -> NetSpec:
@@ -76,4 +68,4 @@ def load_editor(path: str | Path, device: torch.device | str = "cpu") -> tuple[M
         net.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{weights} does not match the spec in {cfg_file}: {e}") from e
-    return net.to(device).eval(), config, sha256(weights)
+    return net.to(device).eval(), config, sha256_file(weights)
