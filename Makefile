@@ -46,11 +46,12 @@ bench:
 
 # MEND editor for SmolLM2's last three MLPs (27-29) on CPU: editor.safetensors, config.json,
 # history.jsonl and curve.png in outputs/mend/smollm2-135m; re-running resumes there.
-MEND_STEPS ?= 300
+# 1100 steps: about 20 min on one core of this 2-core box with other jobs running (README, MEND).
+MEND_STEPS ?= 1100
 .PHONY: mend-smollm2
 mend-smollm2:
 	$(BIN)/python -m editlab train-mend model=smollm2-135m mend.out_dir=outputs/mend/smollm2-135m \
-		mend.steps=$(MEND_STEPS) mend.val_every=50 mend.n_val=10 mend.save_every=25
+		mend.steps=$(MEND_STEPS) mend.val_every=100 mend.n_val=20 mend.save_every=100
 
 # A real one-node SLURM cluster on 127.0.0.1 (Debian packages, installed if missing; needs root):
 # a 2 x 2 multirun, and jobs requeued or timed out mid-stream (tests/slurm/).  The tests start the cluster under
