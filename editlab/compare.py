@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from editlab.plots import parse_args
-from editlab.results import FORGET_FRACTION, RunResult, downstream_tasks, find_runs, load_run
+from editlab.results import FORGET_FRACTION, RunResult, downstream_changes, find_runs, load_run, value_at
 
 COLUMNS = (  # (key, header, format)
     ("es", "ES", "{:.2f}"),
@@ -35,20 +35,6 @@ COLUMNS = (  # (key, header, format)
 ADAPTOR_SIZE = "method/codebook_size"  # GRACE: its "distance" is the codebook it grew
 
 
-def _last_at(run: RunResult, key: str, edit: int) -> tuple[int, float] | None:
-    """(edit, value) of the newest point of ``key`` at or before ``edit``."""
-    if key not in run.series:
-        return None
-    edits, vals = run.series[key]
-    i = int(np.searchsorted(edits, edit, side="right")) - 1
-    return (int(edits[i]), float(vals[i])) if i >= 0 else None
-
-
-def _value_at(run: RunResult, key: str, edit: int) -> float | None:
-    hit = _last_at(run, key, edit)
-    return None if hit is None else hit[1]
-
-
 def last_edit(run: RunResult) -> int:
     edits = run.series.get("edit/es", next(iter(run.series.values()), (np.zeros(0, int),)))[0]
     return int(edits[-1]) if len(edits) else 0
@@ -58,19 +44,14 @@ def compare_row(run: RunResult, at_edit: int, window: int = 50) -> dict[str, Any
     """The comparison numbers of one run at edit ``at_edit`` (see the module docstring)."""
     row: dict[str, Any] = {"run": run.label, "method": run.method, "at_edit": at_edit}
     for score in ("es", "ps", "ns"):
-        row[score] = _value_at(run, f"window{window}/{score}", at_edit)
-    frac = _value_at(run, FORGET_FRACTION, at_edit)
+        row[score] = value_at(run, f"window{window}/{score}", at_edit)
+    frac = value_at(run, FORGET_FRACTION, at_edit)
     row["forgetting_pct"] = None if frac is None else frac * 100
-    changes = []
-    for task in downstream_tasks(run):
-        key = next((k for k in (f"downstream/{task}/f1_gen", f"downstream/{task}/f1_lik") if k in run.series), None)
-        base, now = (_value_at(run, key, 0), _value_at(run, key, at_edit)) if key else (None, None)
-        if base is not None and now is not None:
-            changes.append(now - base)
+    changes = downstream_changes(run, at_edit)
     row["downstream_change"] = float(np.mean(changes) * 100) if changes else None
-    row["distance"] = _value_at(run, "distance/relative_mean", at_edit)
+    row["distance"] = value_at(run, "distance/relative_mean", at_edit)
     if row["distance"] is None and ADAPTOR_SIZE in run.series:
-        row["adaptor_size"] = _value_at(run, ADAPTOR_SIZE, at_edit)
+        row["adaptor_size"] = value_at(run, ADAPTOR_SIZE, at_edit)
     if "time/edit_s" in run.series:
         edits, secs = run.series["time/edit_s"]
         keep = (edits >= 1) & (edits <= at_edit)

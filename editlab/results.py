@@ -123,7 +123,8 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _at_or_before(run: RunResult, key: str, edit: int) -> float | None:
+def value_at(run: RunResult, key: str, edit: int) -> float | None:
+    """The newest value of ``key`` at or before ``edit`` (None if there is none)."""
     if key not in run.series:
         return None
     edits, vals = run.series[key]
@@ -133,6 +134,19 @@ def _at_or_before(run: RunResult, key: str, edit: int) -> float | None:
 
 def downstream_tasks(run: RunResult) -> list[str]:
     return sorted({k.split("/")[1] for k in run.keys("downstream/") if k.count("/") >= 2})
+
+
+def downstream_changes(run: RunResult, edit: int) -> list[float]:
+    """Per task, F1 at ``edit`` minus F1 of the unedited model (generation F1, else likelihood F1)."""
+    changes = []
+    for task in downstream_tasks(run):
+        key = next((k for k in (f"downstream/{task}/f1_gen", f"downstream/{task}/f1_lik") if k in run.series), None)
+        if key is None:
+            continue
+        base, now = value_at(run, key, 0), value_at(run, key, edit)
+        if base is not None and now is not None:
+            changes.append(now - base)
+    return changes
 
 
 def table3(run: RunResult) -> dict[str, Any]:
@@ -157,16 +171,9 @@ def table3(run: RunResult) -> dict[str, Any]:
         keep = (es[0] >= 1) & (es[0] <= max(end, 1))
         row["efficacy_until_collapse"] = float(es[1][keep].mean() * 100) if keep.any() else None
     if FORGET_FRACTION in run.series:
-        f = _at_or_before(run, FORGET_FRACTION, max(end, 0))
+        f = value_at(run, FORGET_FRACTION, max(end, 0))
         row["forgetting_pct"] = None if f is None else f * 100
-    drops = []
-    for task in downstream_tasks(run):
-        key = next((k for k in (f"downstream/{task}/f1_gen", f"downstream/{task}/f1_lik") if k in run.series), None)
-        if key is None:
-            continue
-        base, now = _at_or_before(run, key, 0), _at_or_before(run, key, max(end, 0))
-        if base is not None and now is not None:
-            drops.append(base - now)
+    drops = [-c for c in downstream_changes(run, max(end, 0))]
     if drops:
         row["downstream_loss"] = float(np.mean(drops) * 100)
     confirmed, suspects = run.summary.get(CONFIRMED), run.summary.get(DISABLING)
