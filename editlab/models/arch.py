@@ -57,7 +57,7 @@ _LLAMA_LIKE = ArchSpec(
     unembed="lm_head",
     embed="model.embed_tokens",
 )
-for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3"):
+for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "phi3"):
     ARCHS[_t] = _LLAMA_LIKE
 
 
@@ -115,3 +115,12 @@ class ModuleTable:
     @property
     def unembed(self) -> nn.Module:
         return self.module(self.spec.unembed)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on the last block's output: final norm, unembedding and, where the config
+        asks for it (Gemma 2), tanh soft-capping of the logits, as the model's own forward does."""
+        out = self.unembed(self.final_norm(hidden))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
