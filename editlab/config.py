@@ -9,11 +9,14 @@ Methods have a second layer: their hyperparameters differ per model.  A method's
 ``per_model`` table (one row per ``model.name``); the effective hyperparameters are
 ``dataclass defaults <- per_model[model.name] <- any non-null top-level key`` (see
 :func:`resolve_hparams`).  Top-level hyperparameter keys are therefore ``null`` in the yaml and
-only set by users on the command line (``method.layers=[5]``), which always wins.
+only set by users on the command line (``method.layers=[5]``), which always wins.  A model with no
+row takes the row of the method's ``reference_model`` with its layers moved to the same relative
+depth of the model's layer count (never the reference's absolute layer numbers).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Type, TypeVar
@@ -21,18 +24,39 @@ from typing import Any, Dict, List, Optional, Type, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ArchConfig:
+    """Module names of a model (``{}`` stands for the layer index), for architectures missing
+    from ``editlab.models.arch.ARCHS`` or laid out differently; null entries come from the table
+    or from probing the module tree.  ``mlp`` defaults to ``mlp_out``'s parent, ``transposed`` to
+    whether ``mlp_out`` is a Conv1D."""
+
+    layers: Optional[str] = None  # the list of blocks, e.g. model.layers
+    mlp_out: Optional[str] = None  # e.g. model.layers.{}.mlp.down_proj (the edited matrix)
+    mlp: Optional[str] = None
+    final_norm: Optional[str] = None
+    unembed: Optional[str] = None
+    embed: Optional[str] = None
+    transposed: Optional[bool] = None  # weight stored [in, out]
+
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
     source: str = "hub"  # hub | gguf | tiny
     hub_id: Optional[str] = None
-    gguf_package: Optional[str] = None  # python package that ships the .gguf file
-    gguf_file: Optional[str] = None
-    tiny_arch: Optional[str] = None  # gpt2 | llama | gptj (random weights, tests only)
+    gguf_package: Optional[str] = None  # python package that ships the .gguf file; null: gguf_file is a path
+    gguf_file: Optional[str] = None  # a file in gguf_package, or a path on disk (absolute, or with no package)
+    tiny_arch: Optional[str] = None  # a family of editlab.models.tiny (random weights, tests only)
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "auto"  # auto -> cuda when available, else cpu
+    device: str = "auto"  # auto -> cuda when available, else cpu; unused with device_map
+    # Spread the model over devices (needs accelerate): auto | balanced | ... or {module: device}.
+    device_map: Optional[Any] = None
     revision: Optional[str] = None
+    arch: ArchConfig = field(default_factory=ArchConfig)
 
 
 @dataclass
@@ -137,6 +161,9 @@ class MethodNode:
 
     name: str = MISSING
     per_model: Dict[str, Any] = field(default_factory=dict)
+    # The row a model without one takes, its layers moved to the same relative depth.
+    reference_model: Optional[str] = None
+    reference_n_layers: Optional[int] = None  # the reference model's number of blocks
 
 
 H = TypeVar("H")
@@ -149,13 +176,67 @@ def method_node_schema(hparams_cls: Type[Any]) -> Type[Any]:
     return dataclasses.make_dataclass(f"{hparams_cls.__name__}Node", fields, bases=(MethodNode,))
 
 
-def resolve_hparams(method_cfg: DictConfig, model_name: str, hparams_cls: Type[H]) -> H:
-    """Effective hyperparameters: dataclass defaults <- per-model row <- explicit overrides."""
+def relative_layers(layers: List[int], ref_n: int, n: int) -> List[int]:
+    """``layers`` of a ``ref_n``-block model moved to the same relative depth in an ``n``-block one.
+
+    A layer is mapped by its centre, round((l + ½)·n/ref_n − ½), which keeps the first and last
+    blocks first and last (gpt2-xl's 17 of 48 -> 10 of 30).  A consecutive range keeps its length
+    and ends at its mapped last layer (MEMIT's 13..17 of 48 -> 6..10 of 30), shifted up if it
+    would start below 0.
+    """
+    def scale(layer: int) -> int:
+        return min(n - 1, max(0, round((layer + 0.5) * n / ref_n - 0.5)))
+
+    if list(layers) != list(range(layers[0], layers[0] + len(layers))):
+        return sorted({scale(layer) for layer in layers})
+    if len(layers) > n:
+        raise ValueError(f"the range has {len(layers)} layers and the model only {n}")
+    start = max(0, scale(layers[-1]) - len(layers) + 1)
+    return list(range(start, start + len(layers)))
+
+
+def _reference_row(method_cfg: DictConfig, model_name: str, n_layers: Optional[int], layers_given: bool) -> Any:
+    """The row for a model the per_model table lacks: the reference model's, at its relative depth."""
+    name, table = method_cfg.get("name"), method_cfg.get("per_model") or {}
+    ref, ref_n = method_cfg.get("reference_model"), method_cfg.get("reference_n_layers")
+    where = f"method {name}: no per_model row for model {model_name!r}"
+    if ref is None or ref_n is None:
+        raise ValueError(f"{where}, and conf/method/{name}.yaml names no reference_model/reference_n_layers "
+                         "to scale; add a row or set method.layers")
+    if ref not in table:
+        raise ValueError(f"method {name}: reference_model {ref!r} has no per_model row")
+    row = OmegaConf.to_container(table[ref])
+    if layers_given or "layers" not in row:
+        log.info("%s: the hyperparameters of %s's row, layers as given", where, ref)
+        return row
+    if n_layers is None:
+        raise ValueError(f"{where}; its layers are taken at the relative depth of {ref}'s {row['layers']}, "
+                         "which needs the model's layer count (not in its config): add a row or set method.layers")
+    try:
+        layers = relative_layers(row["layers"], ref_n, n_layers)
+    except ValueError as e:
+        raise ValueError(f"{where}; {ref}'s layers {row['layers']} do not fit it: {e}. "
+                         "Add a row or set method.layers") from e
+    log.info("%s: layers %s at the relative depth of %s's %s of %d layers (the model has %d); "
+             "other hyperparameters from %s's row", where, layers, ref, row["layers"], ref_n, n_layers, ref)
+    return {**row, "layers": layers}
+
+
+def resolve_hparams(method_cfg: DictConfig, model_name: str, hparams_cls: Type[H],
+                    n_layers: Optional[int] = None) -> H:
+    """Effective hyperparameters: dataclass defaults <- per-model row <- explicit overrides.
+
+    A model with no row (and no ``default`` row) takes the method's reference row with its layers
+    at the same relative depth of the model's ``n_layers`` blocks.
+    """
     base = OmegaConf.structured(hparams_cls)
     table = method_cfg.get("per_model") or {}
-    row = table.get(model_name, table.get("default", {}))
     names = {f.name for f in dataclasses.fields(hparams_cls)}
     overrides = {k: v for k, v in method_cfg.items() if k in names and v is not None}
+    if model_name in table or "default" in table:
+        row = table.get(model_name, table.get("default"))
+    else:
+        row = _reference_row(method_cfg, model_name, n_layers, "layers" in overrides)
     try:
         merged = OmegaConf.merge(base, row or {}, overrides)
     except Exception as e:  # an unknown key in a per-model row

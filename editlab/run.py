@@ -16,6 +16,7 @@ from editlab.deltas import DeltaLedger
 from editlab.evaluate.evaluator import Evaluator
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
+from editlab.models.loading import layer_count
 from editlab.stream import EditStream, StreamStopped
 from editlab.results import publish_results
 from editlab.tracking import build_tracker
@@ -33,13 +34,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    # Everything that can fail on bad input fails here, before any compute.  The model's layer
+    # count comes from its config, before its weights: a method with no row for it scales its layers.
     ctx = EditorContext(
         cache_dir=Path(cfg.cache_dir).expanduser(),
         data_root=Path(cfg.data.root).expanduser(),
         seed=cfg.seed,
         wikitext=cfg.data.wikitext,
+        n_layers=layer_count(cfg.model, cfg.cache_dir, seed=cfg.seed),
     )
-    # Everything that can fail on bad input fails here, before any compute.
     editor = build_editor(cfg.method, cfg.model.name, ctx)
     requests = build_requests(cfg.data, cfg.sample)
     lm = load_model(cfg.model, cfg.cache_dir, seed=cfg.seed)

@@ -144,11 +144,16 @@ def test_top_level_key_overrides_the_per_model_row():
     assert hp.norm_constraint == 5e-4  # untouched keys still come from the row
 
 
-def test_model_without_a_row_gets_the_default_row_or_dataclass_defaults():
+def test_model_without_a_row_gets_the_default_row_or_the_reference_depth():
     method = OmegaConf.create({"name": "ft", "per_model": {"default": {"layers": [2]}}, "lr": None})
     assert resolve_hparams(method, "some-new-model", METHODS["ft"].Hparams).layers == [2]
+    cfg = compose("method=ft")  # gpt2-xl's layer 17 of 48, never as an absolute number
+    assert resolve_hparams(cfg.method, "some-new-model", METHODS["ft"].Hparams, n_layers=30).layers == [10]
+    with pytest.raises(ValueError, match="no per_model row for model 'some-new-model'.*layer count"):
+        resolve_hparams(cfg.method, "some-new-model", METHODS["ft"].Hparams)
     method = OmegaConf.create({"name": "ft", "per_model": {}})
-    assert resolve_hparams(method, "some-new-model", METHODS["ft"].Hparams).layers == [17]
+    with pytest.raises(ValueError, match="names no reference_model"):
+        resolve_hparams(method, "some-new-model", METHODS["ft"].Hparams, n_layers=30)
 
 
 def test_bad_per_model_row_names_method_and_model():

@@ -116,7 +116,7 @@ def test_hub_code_path_from_a_local_save(tmp_path, monkeypatch):
     cfg = OmegaConf.merge(compose("model=gpt2").model, {"hub_id": str(tmp_path / "gpt2-local"), "device": "cpu"})
     lm = load_model(cfg, tmp_path / "cache")
     assert lm.model_id == str(tmp_path / "gpt2-local")
-    assert lm.table.spec is ARCHS["gpt2"]
+    assert lm.table.spec == ARCHS["gpt2"]
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(lm.model(ids).logits, model.eval()(ids).logits)
     assert lm.tok("abc").input_ids == tok("abc").input_ids
@@ -143,7 +143,7 @@ def test_smollm2_from_gguf_cache(smollm, cache_dir):
     assert smollm.model_id == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert list(cache_dir.glob("models/smollm2-135m-*/model.safetensors"))
     t = smollm.table
-    assert t.n_layers == 30 and t.spec is ARCHS["llama"]
+    assert t.n_layers == 30 and t.spec == ARCHS["llama"]
     assert tuple(t.mlp_out_weight(10).shape) == (576, 1536) and t.mlp_out_weight(10).dtype == torch.float32
     prompt = "The mother tongue of Danielle Darrieux is"
     french, english = score_pairs(smollm.model, smollm.tok, [(prompt, "French"), (prompt, "English")])

@@ -30,7 +30,7 @@ def build_editor(method_cfg, model_name: str, ctx: EditorContext) -> Editor:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     cls = METHODS[name]
-    return cls(resolve_hparams(method_cfg, model_name, cls.Hparams), ctx)
+    return cls(resolve_hparams(method_cfg, model_name, cls.Hparams, ctx.n_layers), ctx)
 
 
 __all__ = ["METHODS", "Delta", "EditFailed", "Editor", "EditorContext", "Path", "build_editor"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
@@ -14,12 +14,15 @@ from editlab.models.loading import LoadedModel
 
 @dataclass(frozen=True)
 class EditorContext:
-    """What an editor may need besides the model: where to cache, where the data is, the seed."""
+    """What an editor may need besides the model: where to cache, where the data is, the seed,
+    and the model's layer count as its config gives it before the weights load (the layers of a
+    model with no per_model row are chosen from it)."""
 
     cache_dir: Path
     data_root: Path
     seed: int
     wikitext: str = "wikitext/wikitext-2-raw"
+    n_layers: Optional[int] = None
 
 
 class EditFailed(RuntimeError):
