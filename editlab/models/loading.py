@@ -186,6 +186,6 @@ def load_model(cfg, cache_dir: str | Path, seed: int = 0) -> LoadedModel:
     arch = cfg.get("arch")
     table = ModuleTable(model, OmegaConf.to_container(arch) if isinstance(arch, DictConfig) else arch)
     lm = LoadedModel(model=model, tok=tok, table=table, model_id=model_id)
-    where = getattr(model, "hf_device_map", None) if device_map is not None else lm.device
+    where = lm.device if device_map is None else getattr(model, "hf_device_map", device_map)
     log.info("loaded %s (%s) on %s in %.1fs; modules: %s", cfg.name, model_id, where, time.time() - t0, table.source)
     return lm
