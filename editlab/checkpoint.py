@@ -47,9 +47,10 @@ CKPT = re.compile(r"^ckpt-(\d{7})$")
 TENSOR_REF = "__tensor__"
 
 # What may legitimately differ between a run and its resume: where files are, how progress is
-# shown or tracked, checkpoint cadence, the device, eval batching, and skip-vs-stop after a bad edit.
+# shown or tracked, checkpoint cadence, the device(s), eval batching, and skip-vs-stop after a bad edit.
 VOLATILE = ("run_dir", "resume", "cache_dir", "checkpoint", "tracker", "stream.progress", "stream.on_bad_edit",
-            "data.root", "data.download", "data.counterfact_url", "model.device", "eval.batch_size", "hydra")
+            "data.root", "data.download", "data.counterfact_url", "model.device", "model.device_map", "eval.batch_size",
+            "hydra")
 
 
 class CheckpointError(RuntimeError):

@@ -75,7 +75,7 @@ class DeltaLedger:
             if a.dim() != 2 or b.dim() != 2 or (a.shape[0], b.shape[0]) != tuple(d.shape) or a.shape[1] != b.shape[1]:
                 raise BadEdit(f"factors of {name} have shapes {tuple(a.shape)} and {tuple(b.shape)}; "
                               f"a @ b.T must have the delta's shape {tuple(d.shape)}")
-            total += a.float() @ b.float().T
+            total += a.to(d.device, torch.float32) @ b.to(d.device, torch.float32).T
         err, norm = float((total - d).norm()), float(d.norm())
         if not err <= FACTOR_RTOL * norm + 1e-12:
             raise BadEdit(f"factors of {name} do not reproduce its delta (error {err:.3g}, delta norm {norm:.3g})")

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from editlab.data.glue import GlueExample, GlueTask, load_task
 from editlab.evaluate.f1 import weighted_f1
+from editlab.evaluate.scoring import input_device
 
 
 @dataclass
@@ -64,7 +65,7 @@ def tokenize_task(tok, task: GlueTask, examples: Sequence[GlueExample]) -> Token
 def prefix_cache(model, prefix: Sequence[int]) -> DynamicCache | None:
     if not prefix:
         return None
-    ids = torch.tensor([list(prefix)], device=next(model.parameters()).device)
+    ids = torch.tensor([list(prefix)], device=input_device(model))
     return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
 
 
@@ -89,8 +90,10 @@ def predict_batch(model, seqs: Sequence[Sequence[int]], pad_id: int, cache: Dyna
     """Greedy continuations ``[B, gen_tokens]`` and label-word log-probabilities ``[B, n_words]``.
 
     ``seqs`` continue a prefix of ``n_cached`` tokens whose KV cache is ``cache`` (None: no prefix).
+    Inputs go to the embedding's device; what is read off the logits stays on theirs (on a model
+    split across devices the unembedding may sit elsewhere).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     b, width = len(seqs), max(len(s) for s in seqs)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
@@ -108,7 +111,7 @@ def predict_batch(model, seqs: Sequence[Sequence[int]], pad_id: int, cache: Dyna
 
     logp, past = forward(ids, full_mask, pos, _expand(cache, b), 1)
     last = logp[:, -1]
-    word_lp = torch.zeros((b, len(words)), device=device)
+    word_lp = torch.zeros((b, len(words)), device=last.device)
     for j, w in enumerate(words):
         if len(w) == 1:
             word_lp[:, j] = last[:, w[0]]
@@ -118,12 +121,12 @@ def predict_batch(model, seqs: Sequence[Sequence[int]], pad_id: int, cache: Dyna
         m = torch.cat([full_mask, torch.ones_like(tail)], 1)
         p = torch.cat([pos, pos[:, -1:] + torch.arange(1, len(w), device=device)], 1)
         lp, _ = forward(torch.cat([ids, tail], 1), m, p, _expand(cache, b), len(w))
-        target = torch.tensor(list(w), device=device)
+        target = torch.tensor(list(w), device=lp.device)
         word_lp[:, j] = lp.gather(2, target.expand(b, -1)[..., None])[..., 0].sum(1)
     gen = torch.zeros((b, gen_tokens), dtype=torch.long, device=device)
     m, p = full_mask, pos[:, -1:]
     for t in range(gen_tokens):
-        gen[:, t] = last.argmax(-1)
+        gen[:, t] = last.argmax(-1).to(device)
         if t + 1 == gen_tokens:
             break
         m = torch.cat([m, torch.ones((b, 1), dtype=torch.long, device=device)], 1)

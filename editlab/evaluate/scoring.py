@@ -42,6 +42,12 @@ def encode(tok: PreTrainedTokenizerBase, prompt: str, target: str) -> Encoded:
     return Encoded(tuple(p), tuple(t))
 
 
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where input ids go: the input embedding's device (a model split across devices has no
+    single device, and its first parameter need not be the embedding)."""
+    return model.get_input_embeddings().weight.device
+
+
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw) -> torch.Tensor:
     """Last hidden states after the final norm (the input of the unembedding)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
@@ -75,10 +81,9 @@ def target_logits(
     target token is read at the prompt's last position (the reference FT code's objective)
     instead of being teacher-forced.  Only those positions are unembedded.
     """
-    device = next(model.parameters()).device
     # The last target token is never an input: drop it from the sequence.
     seqs = [e.prompt if last_token else e.prompt + e.target[:-1] for e in encs]
-    ids, mask = pad_batch(seqs, pad_id, device)
+    ids, mask = pad_batch(seqs, pad_id, input_device(model))
     hidden = final_hidden(model, ids, mask)
     rows, cols, tgt = [], [], []
     for b, e in enumerate(encs):
@@ -87,9 +92,11 @@ def target_logits(
             rows.append(b)
             cols.append(lp - 1 if last_token else lp - 1 + j)
             tgt.append(t)
-    rows_t = torch.tensor(rows, device=device)
-    logits = model.get_output_embeddings()(hidden[rows_t, torch.tensor(cols, device=device)]).float()
-    return logits, torch.tensor(tgt, device=device), rows_t
+    # The last block and the unembedding may sit on other devices than the inputs.
+    picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+    head = model.get_output_embeddings()
+    logits = head(picked.to(head.weight.device)).float()
+    return logits, torch.tensor(tgt, device=logits.device), torch.tensor(rows, device=logits.device)
 
 
 def target_logprobs(

@@ -65,10 +65,10 @@ def gradient_factors(
         if missing:
             raise RuntimeError(f"MLP output of layers {missing} was not called in the forward pass")
         grads = torch.autograd.grad(loss, [store[l][1] for l in layers])
-    rows, cols = real_positions(encs, lm.device)
     out = {}
     for l, g in zip(layers, grads):
         x = store[l][0]
+        rows, cols = real_positions(encs, x.device)  # x and g sit on layer l's device
         out[l] = (x[rows, cols].float(), g[rows, cols].float())
     return float(loss.detach()), out
 
@@ -83,7 +83,8 @@ def with_updates(table: ModuleTable, updates: Mapping[int, tuple[torch.Tensor, t
     def make_hook(a: torch.Tensor, b: torch.Tensor):
         def hook(module, args, out):
             x = args[0]
-            return out + ((x.to(b.dtype) @ b) @ a.T).to(out.dtype)
+            # a, b come from the network's device; the copy is differentiable
+            return out + ((x.to(b.dtype) @ b.to(x.device)) @ a.to(x.device).T).to(out.dtype)
         return hook
 
     handles = [table.mlp_out(l).register_forward_hook(make_hook(a, b)) for l, (a, b) in updates.items()]

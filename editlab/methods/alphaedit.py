@@ -66,6 +66,7 @@ class AlphaEditEditor(PastKeysEditor):
             self.projectors[layer] = p
 
     def solve(self, layer, keys, resid, lm):
-        proj = self.projectors[layer].to(lm.device)
+        dev = lm.table.mlp_out_weight(layer).device  # the factors meet this weight
+        proj = self.projectors[layer].to(dev)
         self.solve_info[f"nullspace_dim_L{layer}"] = float(round(float(proj.trace())))
-        return alphaedit_solve(keys, resid, proj, self.past.get(layer, keys.shape[0], lm.device), self.hp.L2)
+        return alphaedit_solve(keys.to(dev), resid.to(dev), proj, self.past.get(layer, keys.shape[0], dev), self.hp.L2)

@@ -48,8 +48,9 @@ class EMMETEditor(MEMITEditor):
     Hparams = EMMETHparams
 
     def solve(self, layer, keys, resid, lm):
-        cov = self.hp.mom2_update_weight * self.stats.mom2(layer, lm.device).double()
-        r, a, info = emmet_solve(keys, resid, cov, self.hp.emmet_lambda, self.hp.max_condition)
+        dev = lm.table.mlp_out_weight(layer).device  # the factors meet this weight
+        cov = self.hp.mom2_update_weight * self.stats.mom2(layer, dev).double()
+        r, a, info = emmet_solve(keys.to(dev), resid.to(dev), cov, self.hp.emmet_lambda, self.hp.max_condition)
         # One step edits several layers: report the worst conditioning and any fallback.
         self.solve_info["emmet_cond"] = max(self.solve_info.get("emmet_cond", 0.0), info["emmet_cond"])
         self.solve_info["emmet_pinv"] = max(self.solve_info.get("emmet_pinv", 0.0), info["emmet_pinv"])

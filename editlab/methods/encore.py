@@ -44,6 +44,7 @@ class ENCOREEditor(PastKeysEditor):
         return {"argmax_patience": self.hp.mpes_patience}
 
     def solve(self, layer, keys, resid, lm):
-        past = self.past.get(layer, keys.shape[0], lm.device)
-        return encore_solve(keys, resid, self.stats.mom2(layer, lm.device), self.hp.mom2_update_weight, past,
-                            self.hp.norm_constraint)
+        dev = lm.table.mlp_out_weight(layer).device  # the factors meet this weight
+        past = self.past.get(layer, keys.shape[0], dev)
+        return encore_solve(keys.to(dev), resid.to(dev), self.stats.mom2(layer, dev), self.hp.mom2_update_weight,
+                            past, self.hp.norm_constraint)

@@ -135,11 +135,15 @@ class GRACEEditor(Editor):
     def _add(self, key, value, eps, label):
         row = lambda t, x: x[None] if t is None else torch.cat([t, x[None]])  # noqa: E731
         self.keys, self.values = row(self.keys, key), row(self.values, value)
-        self.eps = row(self.eps, torch.tensor(float(eps)))
+        self.eps = row(self.eps, torch.tensor(float(eps), device=key.device))
         self.labels.append(label)
 
     def edit_one(self, lm: LoadedModel, req: EditRequest) -> dict[str, float]:
         key, own = self._key_and_output(lm, req)
+        if self.keys is not None:
+            # The codebook lives with the wrapped module (a restored one arrives on the CPU), so
+            # the adaptor never copies it across devices in a forward pass.
+            self.keys, self.values, self.eps = (t.to(key.device) for t in (self.keys, self.values, self.eps))
         action, d = NEW, float("inf")
         if self.keys is not None and len(self.keys):
             dists = (self.keys - key).norm(dim=1)

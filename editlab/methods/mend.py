@@ -42,7 +42,7 @@ class MENDEditor(Editor):
         if not hp.editor_path:
             raise ValueError("method=mend needs method.editor_path=<directory written by `editlab train-mend`>")
         path = Path(hp.editor_path).expanduser().resolve()
-        net, config, digest = load_editor(path, lm.device)
+        net, config, digest = load_editor(path, lm.device)  # one network; its inputs are moved to it
         where = path / "config.json"
         if config.get("model_id") != lm.model_id:
             raise ValueError(f"{where}: the editor was trained on model {config.get('model_id')!r}, "
@@ -67,9 +67,10 @@ class MENDEditor(Editor):
         params, pieces = {}, {}
         for layer, (a, b) in self.net.updates(factors).items():
             name = lm.table.mlp_out_weight_name(layer)
-            dtype = lm.table.mlp_out_weight(layer).dtype
+            w = lm.table.mlp_out_weight(layer)
             # dW (maths) = a @ b.T; GPT-2's Conv1D stores W.T, whose delta is b @ a.T.
             a, b = (b, a) if lm.table.spec.transposed else (a, b)
-            params[name] = (a @ b.T).to(dtype)
-            pieces[name] = [(a.to(dtype), b.to(dtype))]
+            a, b = a.to(w.device), b.to(w.device)  # the network's device may not be this layer's
+            params[name] = (a @ b.T).to(w.dtype)
+            pieces[name] = [(a.to(w.dtype), b.to(w.dtype))]
         return Delta(params=params, factors=pieces, info={"loss": loss, "tokens": float(factors[self.hp.layers[0]][0].shape[0])})

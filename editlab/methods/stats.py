@@ -93,7 +93,6 @@ def compute_second_moments(lm: LoadedModel, layers: list[int], texts: Iterable[s
     top = lm.table.spec.layers + f".{max(layers)}"
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    device = lm.device
     bar = tqdm(total=n_tokens, desc=f"key stats L{layers}", unit="tok", disable=None)
     batch: list[str] = []
     it = iter(texts)
@@ -106,7 +105,7 @@ def compute_second_moments(lm: LoadedModel, layers: list[int], texts: Iterable[s
                     break
             if not batch:
                 raise ValueError(f"the statistics corpus ran out after {count} tokens (< {n_tokens})")
-            enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_len).to(device)
+            enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_len).to(lm.device)
             with trace(model, inputs=tuple(names.values()), stop_after=top) as got:
                 try:
                     model(**enc, use_cache=False)
@@ -115,7 +114,8 @@ def compute_second_moments(lm: LoadedModel, layers: list[int], texts: Iterable[s
             mask = enc.attention_mask.bool()
             take = min(int(mask.sum()), n_tokens - count)
             for l, name in names.items():
-                k = got["in:" + name][mask][:take].to(dtype).double()
+                x = got["in:" + name]  # on its layer's device, which the sums stay on
+                k = x[mask.to(x.device)][:take].to(dtype).double()
                 sums[l] = sums.get(l, 0) + k.T @ k
             count += take
             bar.update(take)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from editlab.evaluate.scoring import input_device
+
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -18,7 +20,7 @@ def generate_templates(model, tok, length_params, seed: int, top_k: int = 5) -> 
     stripped so the result can be ``.format``-ed, and ". {}" is appended (as the reference).
     """
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = input_device(model)
     groups: list[list[str]] = [["{}"]]
     for length, count in length_params:
         group = []
@@ -29,7 +31,7 @@ def generate_templates(model, tok, length_params, seed: int, top_k: int = 5) -> 
                 top = torch.topk(logits, top_k)
                 probs = torch.softmax(top.values, -1).cpu()
                 nxt = top.indices[torch.multinomial(probs, 1, generator=gen).item()]
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+                ids = torch.cat([ids, nxt.view(1, 1).to(device)], dim=1)  # logits may sit elsewhere
             text = tok.decode(ids[0], skip_special_tokens=True)
             group.append(text.replace("{", " ").replace("}", " ") + ". {}")
         groups.append(group)
