@@ -53,6 +53,13 @@ mend-smollm2:
 	$(BIN)/python -m editlab train-mend model=smollm2-135m mend.out_dir=outputs/mend/smollm2-135m \
 		mend.steps=$(MEND_STEPS) mend.val_every=100 mend.n_val=20 mend.save_every=100
 
+# A few edits of every method on SmolLM2 on CUDA, and split across CUDA and the CPU, compared with
+# the same edits on the CPU (bench/gpu_check.py; MEND only once `make mend-smollm2` has trained
+# its editor).  Without a GPU it says so and succeeds.
+.PHONY: gpu-check
+gpu-check:
+	$(BIN)/python -m bench.gpu_check
+
 # A real one-node SLURM cluster on 127.0.0.1 (Debian packages, installed if missing; needs root):
 # a 2 x 2 multirun, and jobs requeued or timed out mid-stream (tests/slurm/).  The tests start the cluster under
 # a temporary directory and stop exactly the processes they started.
