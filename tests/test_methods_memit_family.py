@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlab.evaluate.scoring import encode
 from editlab.methods import build_editor
 from editlab.methods.alphaedit import alphaedit_solve, null_space_projector
 from editlab.methods.emmet import emmet_solve
-from editlab.methods.zopt import optimize_target
+from editlab.methods.zopt import search_deltas, build_problem
 
 from conftest import compose, sequential_efficacy
 from test_rome_memit import make
@@ -107,28 +106,27 @@ def test_alphaedit_leaves_preserved_keys_outputs_unchanged(tmp_path, data_root):
 
 def test_encore_stops_once_targets_are_the_argmax(tmp_path, data_root):
     lm, editor, requests = make("tiny-gpt2", "encore", tmp_path, "method.early_stop_loss=0", "method.v_steps=15", n=1)
-    req = requests[0]
-    target = list(encode(lm.tok, req.rewrite_prompt, req.target_new).target)
-    n_rw = len(editor.flat_templates())
-    # A random tiny model cannot make its targets the argmax; a hook on the unembedding does:
-    # the fast path reads the target rows first, prompt by prompt, token by token.
-    def boost(mod, args, out):
-        out = out.clone()
-        rows = torch.arange(n_rw * len(target))
-        out[rows, torch.tensor(target * n_rw)] += 1e4
-        return out
+    problem = build_problem(lm.tok, requests, editor.templates)
+    n_t = problem.n_target_reads
+    n_reads = len(problem.read_rows)
 
-    layer = editor.hp.layers[-1]
-    block = f"{lm.table.spec.layers}.{layer}"
-    handle = lm.table.unembed.register_forward_hook(boost)
-    try:
-        early = optimize_target(lm, req, editor.templates, block, layer, editor.hp, argmax_patience=2)
-        full = optimize_target(lm, req, editor.templates, block, layer, editor.hp)
-    finally:
-        handle.remove()
+    class Boosted:
+        """A random tiny model cannot make its targets the argmax; this stand-in for the model
+        does, at every step, while δ still reaches the loss."""
+
+        target_init = torch.ones(1, 8)
+
+        def logits(self, delta):
+            out = torch.zeros(n_reads, lm.model.config.vocab_size) + delta.sum()
+            out[torch.arange(n_t), torch.tensor(problem.targets)] += 1e4
+            return out
+
+    early, = search_deltas(Boosted(), problem, editor.hp, editor.target_options()["argmax_patience"], False, 0.0)
+    full, = search_deltas(Boosted(), problem, editor.hp, 0, False, 0.0)
+    assert editor.target_options() == {"argmax_patience": editor.hp.mpes_patience}
+    assert editor.hp.mpes_patience == 2
     assert early.info["v_steps"] == 1  # the argmax held at steps 0 and 1
     assert full.info["v_steps"] == 14
-    assert editor.target_options() == {"argmax_patience": editor.hp.mpes_patience}
 
 
 def test_encore_solve_constrains_norm_and_keeps_past_keys(tmp_path, data_root):

@@ -94,13 +94,16 @@ def test_memit_edits_every_layer_with_its_share(model, tmp_path, data_root):
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_fast_path_matches_reference_passes(model, method, tmp_path, data_root):
-    lm, editor, requests = make(model, method, tmp_path, n=1)
+    """Whole edits, two requests in one step; float64, as tests/test_fast_path.py explains."""
+    lm, editor, requests = make(model, method, tmp_path, n=2)
+    lm.model.double()
     editor.fast = False
     slow = editor.apply(lm, requests)
     editor.fast = True
     fast = editor.apply(lm, requests)
+    assert fast.info["v_fast"] == 1.0 and slow.info["v_fast"] == 0.0
     for name in slow.params:
-        assert torch.allclose(slow.params[name], fast.params[name], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(slow.params[name], fast.params[name], rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit"])

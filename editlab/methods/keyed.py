@@ -3,6 +3,7 @@ generated once from the unedited model, second-moment key statistics, request ch
 temporarily writing updates into the model while later pieces of the same step are computed."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -15,6 +16,8 @@ from editlab.methods.keys import subject_last_index
 from editlab.methods.stats import KeyStatistics
 from editlab.methods.templates import generate_templates
 from editlab.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 class KeyValueEditor(Editor):
@@ -45,6 +48,13 @@ class KeyValueEditor(Editor):
 
     def load_state_dict(self, state):
         self.templates = state.get("templates")
+
+    def note_target_path(self, info: dict) -> None:
+        """Where the v*/z search could not use the cached-suffix replay (zopt logged why), keep to
+        the full pass for the rest of the run instead of trying the replay at every edit."""
+        if self.fast and not info.get("v_fast", 1.0):
+            log.warning("%s: the cached-suffix v*/z replay is off for this run", self.name)
+            self.fast = False
 
     def flat_templates(self) -> list[str]:
         return [t for g in self.templates for t in g]

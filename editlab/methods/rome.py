@@ -16,8 +16,8 @@ import torch
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
 from editlab.methods.keyed import KeyValueEditor, scratch_weights
-from editlab.methods.keys import io_at_subject, fill
-from editlab.methods.zopt import optimize_target
+from editlab.methods.keys import read_templates
+from editlab.methods.zopt import optimize_targets
 from editlab.models.loading import LoadedModel
 
 
@@ -31,6 +31,10 @@ class ROMEHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    # Opt-in speed (off reproduces the paper): bfloat16 autocast in the v* loop, and stopping once
+    # the target has been the argmax on every prompt for this many steps (0 = off).
+    v_bf16: bool = False
+    v_argmax_patience: int = 0
     context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # [length, count]
     mom2_adjustment: bool = True
     mom2_corpus: str = "wikitext"  # wikitext (local) | wikipedia (hub, via datasets)
@@ -66,22 +70,23 @@ class ROMEEditor(KeyValueEditor):
     def rank_one(self, lm: LoadedModel, req: EditRequest) -> tuple[RankOne, dict]:
         layer = self.hp.layers[0]
         module = lm.table.mlp_out_name(layer)
-        texts = [fill(t, req.prompt) for t in self.flat_templates()]
-        keys, _ = io_at_subject(lm, module, texts, [req.subject] * len(texts))
-        k_avg = keys.mean(0).double()
+        reads = read_templates(lm, module, self.templates, [req])
+        keys = reads.keys[0]
+        k_avg = keys.mean(0).double()  # ROME averages its templates flat (MEMIT: two levels)
         u = k_avg
         if self.hp.mom2_adjustment:
-            u = torch.linalg.solve(self.stats.mom2(layer, lm.device).double(), k_avg)
+            u = torch.linalg.solve(self.stats.mom2(layer, keys.device).double(), k_avg)
         u = u / u.norm()
-        res = optimize_target(lm, req, self.templates, module, layer, self.hp, fast=self.fast)
+        res, = optimize_targets(lm, [req], self.templates, module, layer, self.hp, fast=self.fast,
+                                argmax_patience=self.hp.v_argmax_patience, bf16=self.hp.v_bf16)
+        self.note_target_path(res.info)
         if self.hp.variant == "original":
-            k_bare, wk = io_at_subject(lm, module, [req.prompt], [req.subject])
-            k, wk = k_bare[0].double(), wk[0].double()
+            k, wk = reads.bare["in:" + module][0].double(), reads.bare[module][0].double()
         else:
             k = k_avg
             with torch.no_grad():
                 wk = lm.table.mlp_out(layer)(k.to(keys.dtype)[None])[0].double()
-        v_star = res.target.double()
+        v_star = res.target.double().to(wk.device)
         right = (v_star - wk) / torch.dot(k, u)
         return RankOne(left=u, right=right, key=k, value=v_star), res.info
 
