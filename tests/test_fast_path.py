@@ -130,3 +130,15 @@ def test_bf16_autocast_keeps_delta_and_loss_in_float32():
     assert half.delta.dtype == torch.float32 and torch.isfinite(half.delta).all()
     assert torch.equal(half.target_init, exact.target_init)  # the starting point is the exact model's
     assert not torch.equal(half.delta, exact.delta)  # it did run in bfloat16
+
+
+def test_scoring_applies_the_models_own_logit_soft_capping():
+    """Gemma 2 caps its logits after the head; scoring reads them as the model's forward does."""
+    from editlab.evaluate.scoring import encode, target_logits
+
+    lm = tiny_lm("gemma2")
+    enc = encode(lm.tok, "The mother tongue of Danielle Darrieux is", "French")
+    logits, _, _ = target_logits(lm.model, [enc], lm.tok.pad_token_id)
+    ids = torch.tensor([list(enc.prompt + enc.target[:-1])])
+    full = lm.model(ids).logits[0, len(enc.prompt) - 1:]
+    assert torch.allclose(logits, full, atol=1e-5)

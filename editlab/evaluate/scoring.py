@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editlab.models.arch import soft_cap
+
 
 class TargetError(ValueError):
     """A target that cannot be scored (e.g. it tokenizes to nothing)."""
@@ -95,7 +97,7 @@ def target_logits(
     # The last block and the unembedding may sit on other devices than the inputs.
     picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
     head = model.get_output_embeddings()
-    logits = head(picked.to(head.weight.device)).float()
+    logits = soft_cap(model.config, head(picked.to(head.weight.device))).float()
     return logits, torch.tensor(tgt, device=logits.device), torch.tensor(rows, device=logits.device)
 
 

@@ -171,6 +171,12 @@ def resolve_spec(model: nn.Module, arch: Optional[Mapping[str, Any]] = None) -> 
     return spec, source
 
 
+def soft_cap(config, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma 2's tanh soft-capping of the logits, which its forward applies after the head."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class ModuleTable:
     """An :class:`ArchSpec` bound to one model: resolves names to modules and checks layers."""
 
@@ -254,8 +260,4 @@ class ModuleTable:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on the last block's output: final norm, unembedding and, where the config
         asks for it (Gemma 2), tanh soft-capping of the logits, as the model's own forward does."""
-        out = self.unembed(self.final_norm(hidden))
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            out = torch.tanh(out / cap) * cap
-        return out
+        return soft_cap(self.model.config, self.unembed(self.final_norm(hidden)))
