@@ -45,15 +45,16 @@ def compare(editor, lm, method: str, requests, label: str) -> None:
         deltas[fast], wall[fast] = _timed(editor.apply, lm, requests)
     n = len(requests)
     t_ref, t_fast = deltas[False].info["v_time_s"] * n, deltas[True].info["v_time_s"] * n
-    same = all(torch.allclose(deltas[False].params[k], deltas[True].params[k], rtol=1e-4, atol=1e-6)
-               for k in deltas[True].params)
+    # Element-wise, rtol 1e-4 with an absolute floor at 1e-4 of the matrix's largest entry: 20 Adam
+    # steps carry float32 rounding of a different summation order into entries near zero.
+    ref, got = deltas[False].params, deltas[True].params
+    same = all(torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-4 * float(ref[k].abs().max())) for k in got)
+    worst = max(float((got[k] - ref[k]).norm() / ref[k].norm()) for k in got)
     print(f"[{method}]{label} v*/z loop: reference {t_ref:.2f}s, fast {t_fast:.2f}s, "
-          f"speed-up {t_ref / t_fast:.2f}x, deltas allclose: {same}")
+          f"speed-up {t_ref / t_fast:.2f}x, deltas allclose: {same} (relative difference {worst:.1e})")
     print(f"[{method}]{label} whole step: reference {wall[False]:.2f}s, fast {wall[True]:.2f}s, "
           f"speed-up {wall[False] / wall[True]:.2f}x")
     if not same:
-        worst = max(float((deltas[False].params[k] - deltas[True].params[k]).norm() / deltas[False].params[k].norm())
-                    for k in deltas[True].params)
         raise SystemExit(f"{method}: fast path changed the delta (relative difference {worst:.1e})")
 
 
