@@ -8,9 +8,9 @@ import torch
 from conftest import compose
 from editlab.data.requests import EditRequest
 from editlab.deltas import DeltaLedger
-from editlab.evaluate.scoring import encode
+from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.mend.data import OverlapError, check_disjoint, evaluated_records, training_records
-from editlab.mend.factor import edit_loss, gradient_factors, with_updates
+from editlab.mend.factor import gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
 from editlab.mend.train import Trainer, TrainConfig, answer_logp, kl_from, locality_facts
 
@@ -35,7 +35,7 @@ def test_factorisation_reproduces_weight_gradient(tiny):
     try:
         for w in weights:
             w.requires_grad_(True)
-        true = torch.autograd.grad(edit_loss(tiny, encs), weights)
+        true = torch.autograd.grad(teacher_forced_nll(tiny.model, encs, tiny.tok.pad_token_id), weights)
     finally:
         for w in weights:
             w.requires_grad_(False)
@@ -55,12 +55,12 @@ def test_hooked_update_equals_weight_change(tiny):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(out_dim, 3, generator=g) * 0.05, torch.randn(in_dim, 3, generator=g) * 0.05
     with torch.no_grad(), with_updates(tiny.table, {2: (a, b)}):
-        hooked = edit_loss(tiny, enc)
+        hooked = teacher_forced_nll(tiny.model, enc, tiny.tok.pad_token_id)
     saved = w.detach().clone()
     try:
         with torch.no_grad():
             w += tiny.table.to_param(a @ b.T)
-            dense = edit_loss(tiny, enc)
+            dense = teacher_forced_nll(tiny.model, enc, tiny.tok.pad_token_id)
     finally:
         with torch.no_grad():
             w.copy_(saved)

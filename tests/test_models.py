@@ -55,6 +55,31 @@ def test_orientation_maps_param_layout_to_math(tiny):
     assert tuple(w.shape) == expected_layout
 
 
+
+@pytest.mark.parametrize("tiny", ["tiny-gpt2", "tiny-llama"], indirect=True)
+def test_low_rank_update_in_the_parameter_layout(tiny):
+    """param_delta turns ΔW = a bᵀ (maths) into the stored layout: adding the dense delta to the
+    weight changes the module's output by (x b) aᵀ, and its factors multiply to it exactly."""
+    t = tiny.table
+    mod, w = t.mlp_out(1), t.mlp_out_weight(1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(WIDTH, 2, generator=g), torch.randn(4 * WIDTH, 2, generator=g)  # [out, k], [in, k]
+    dense, (pa, pb) = t.param_delta(a, b)
+    assert dense.shape == w.shape and torch.equal(pa @ pb.T, dense)
+    assert t.spec.transposed == (tiny.model.config.model_type == "gpt2")
+    x = torch.randn(3, 4 * WIDTH)
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            before = mod(x)
+            w += dense
+            after = mod(x)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    torch.testing.assert_close(after - before, (x @ b) @ a.T, rtol=1e-4, atol=1e-4)
+
+
 def test_gpt2_is_the_transposed_conv1d():
     assert ARCHS["gpt2"].transposed and not ARCHS["gptj"].transposed and not ARCHS["llama"].transposed
     assert ARCHS["gpt2"].mlp_out == "transformer.h.{}.mlp.c_proj"

@@ -7,7 +7,7 @@ from torch import nn
 
 from editlab.data.requests import EditRequest
 from editlab.evaluate.rewrite import score_requests
-from editlab.evaluate.scoring import TargetError, encode, score_pairs
+from editlab.evaluate.scoring import TargetError, encode, score_pairs, teacher_forced_nll
 
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-gptj"]
 
@@ -83,6 +83,25 @@ def test_teacher_forced_nll_matches_a_plain_forward(tiny):
     (s,) = score_pairs(tiny.model, tiny.tok, [(prompt, target)])
     assert s.nll == pytest.approx(expected_nll, rel=1e-5)
     assert s.token_acc == pytest.approx(expected_acc)
+
+
+
+@pytest.mark.parametrize("tiny", ["tiny-gpt2", "tiny-llama"], indirect=True)
+def test_editing_loss_weighs_pairs_not_tokens(tiny):
+    """The editing loss is the mean over pairs of each pair's per-token NLL (a one-token target
+    counts as much as a long one), equal to the scored NLLs, and differentiable."""
+    pairs = [("The Eiffel Tower is in", "Paris, France, Europe"), ("A", "b")]
+    encs = [encode(tiny.tok, p, t) for p, t in pairs]
+    assert len(encs[0].target) > 3 * len(encs[1].target)
+    w = tiny.table.mlp_out_weight(1)
+    w.requires_grad_(True)
+    try:
+        loss = teacher_forced_nll(tiny.model, encs, tiny.tok.pad_token_id)
+        assert loss.requires_grad
+    finally:
+        w.requires_grad_(False)
+    scored = score_pairs(tiny.model, tiny.tok, pairs)
+    assert float(loss.detach()) == pytest.approx(sum(s.nll for s in scored) / 2, rel=1e-5)
 
 
 @pytest.mark.parametrize("tiny", TINY, indirect=True)

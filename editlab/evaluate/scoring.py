@@ -120,6 +120,15 @@ def mean_per_pair(values: torch.Tensor, owner: torch.Tensor, n_pairs: int) -> to
     return total / count
 
 
+def teacher_forced_nll(model: PreTrainedModel, encs: Sequence[Encoded], pad_id: int,
+                       last_token: bool = False) -> torch.Tensor:
+    """The editing loss of FT-C, LocFT-BF and MEND: the per-token NLL of each pair's target,
+    averaged per pair first so that long targets do not outweigh short ones, then over pairs.
+    Differentiable; ``last_token`` as in :func:`target_logits`."""
+    logp, _, owner = target_logprobs(model, encs, pad_id, last_token)
+    return mean_per_pair(-logp, owner, len(encs)).mean()
+
+
 @torch.no_grad()
 def score_pairs(
     model: PreTrainedModel,

@@ -12,7 +12,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from editlab.evaluate.scoring import Encoded, mean_per_pair, target_logprobs
+from editlab.evaluate.scoring import Encoded, teacher_forced_nll
 from editlab.models.arch import ModuleTable
 from editlab.models.loading import LoadedModel
 
@@ -45,12 +45,6 @@ def real_positions(encs: Sequence[Encoded], device) -> tuple[torch.Tensor, torch
     return rows.to(device), cols.to(device)
 
 
-def edit_loss(lm: LoadedModel, encs: Sequence[Encoded]) -> torch.Tensor:
-    """Mean over pairs of the teacher-forced per-token NLL of the targets."""
-    logp, _, owner = target_logprobs(lm.model, encs, lm.tok.pad_token_id)
-    return mean_per_pair(-logp, owner, len(encs)).mean()
-
-
 def gradient_factors(
     lm: LoadedModel, layers: Sequence[int], encs: Sequence[Encoded]
 ) -> tuple[float, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
@@ -60,7 +54,7 @@ def gradient_factors(
     ``[out, in]`` (``lm.table.to_param`` turns it into GPT-2's ``[in, out]`` Conv1D layout).
     """
     with torch.enable_grad(), probed(lm.table, layers) as store:
-        loss = edit_loss(lm, encs)
+        loss = teacher_forced_nll(lm.model, encs, lm.tok.pad_token_id)
         missing = [l for l in layers if l not in store]
         if missing:
             raise RuntimeError(f"MLP output of layers {missing} was not called in the forward pass")

@@ -29,9 +29,11 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from editlab.data.requests import EditRequest
-from editlab.evaluate.scoring import Encoded, encode, mean_per_pair, target_logits, target_logprobs
+from editlab.evaluate.scoring import (
+    Encoded, encode, mean_per_pair, target_logits, target_logprobs, teacher_forced_nll,
+)
 from editlab.mend.data import Excluded, evaluated_records, training_records
-from editlab.mend.factor import edit_loss, gradient_factors, with_updates
+from editlab.mend.factor import gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
 from editlab.mend.store import load_editor, save_editor
 from editlab.models.loading import LoadedModel
@@ -108,7 +110,7 @@ class Trainer:
         with torch.no_grad():
             base = answer_logp(self.lm, loc)
         with with_updates(self.lm.table, updates):
-            l_edit = edit_loss(self.lm, outer)
+            l_edit = teacher_forced_nll(self.lm.model, outer, tok.pad_token_id)
             l_loc = kl_from(base, answer_logp(self.lm, loc))
         return {"loss": self.cfg.c_edit * l_edit + l_loc, "edit": l_edit, "loc": l_loc,
                 "pre_edit": torch.tensor(pre)}

@@ -13,7 +13,7 @@ from typing import List, Sequence
 import torch
 
 from editlab.data.requests import EditRequest
-from editlab.evaluate.scoring import encode, mean_per_pair, target_logprobs
+from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.methods.base import Delta, Editor
 from editlab.models.loading import LoadedModel
 
@@ -51,10 +51,7 @@ class FTEditor(Editor):
 
     def loss(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> torch.Tensor:
         encs = [encode(lm.tok, r.rewrite_prompt, r.target_new) for r in requests]
-        logp, _, owner = target_logprobs(
-            lm.model, encs, lm.tok.pad_token_id, last_token=self.hp.objective == "last_token"
-        )
-        return mean_per_pair(-logp, owner, len(encs)).mean()
+        return teacher_forced_nll(lm.model, encs, lm.tok.pad_token_id, last_token=self.hp.objective == "last_token")
 
     def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> Delta:
         hp = self.hp

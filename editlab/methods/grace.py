@@ -13,23 +13,38 @@ label expands the nearest key's radius to d, a different label splits both radii
 adds the new key (or, for the very same key, relabels the entry).  A new entry's value starts at the module's own output and is trained so that
 the model completes the rewrite prompt with the new target (teacher-forced NLL).
 The codebook is the editor's state (checkpointed); a step's Delta has no weights and reports the
-codebook's size and value norms in its info.
+codebook's size and value norms, and how many of its edits took each :class:`Action`, in its info.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import List, Sequence
 
 import torch
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
-from editlab.evaluate.scoring import encode, target_logprobs
+from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.methods.base import EditFailed, Editor
+from editlab.methods.diagnostics import average_info
 from editlab.methods.tracing import StopForward, trace
 from editlab.models.loading import LoadedModel
 
-NEW, EXPAND, SPLIT, REPLACE = 0, 1, 2, 3
+
+
+class Action(IntEnum):
+    """What an edit did to the codebook; an Enum, so a step's diagnostics count the actions
+    instead of averaging their codes."""
+
+    NEW = 0
+    EXPAND = 1
+    SPLIT = 2
+    REPLACE = 3
+
+
+NEW, EXPAND, SPLIT, REPLACE = Action
+
 # A conflicting key closer than this fraction of eps_init is the same input edited again: the
 # newer label replaces the entry's (a split would leave two balls of radius ~0).
 SAME_KEY = 1e-3
@@ -118,8 +133,7 @@ class GRACEEditor(Editor):
             for _ in range(self.hp.steps):
                 opt.zero_grad(set_to_none=True)
                 self.values = torch.cat([below, value[None], above])
-                logp, _, _ = target_logprobs(lm.model, [enc], lm.tok.pad_token_id)
-                loss = -logp.mean()
+                loss = teacher_forced_nll(lm.model, [enc], lm.tok.pad_token_id)
                 loss_value = float(loss.detach())
                 if loss_value < self.hp.early_stop_loss:
                     break
@@ -138,7 +152,7 @@ class GRACEEditor(Editor):
         self.eps = row(self.eps, torch.tensor(float(eps), device=key.device))
         self.labels.append(label)
 
-    def edit_one(self, lm: LoadedModel, req: EditRequest) -> dict[str, float]:
+    def edit_one(self, lm: LoadedModel, req: EditRequest) -> dict[str, float | Action]:
         key, own = self._key_and_output(lm, req)
         if self.keys is not None:
             # The codebook lives with the wrapped module (a restored one arrives on the CPU), so
@@ -151,10 +165,9 @@ class GRACEEditor(Editor):
             d = float(dists[j])
             if d <= float(self.eps[j]) + self.hp.eps_init:
                 action = EXPAND if self.labels[j] == req.target_new else SPLIT
-        info = {"grace_action": float(action), "grace_nearest": d, "grace_loss": float("nan"), "grace_steps": 0.0}
         if action == SPLIT and d < SAME_KEY * self.hp.eps_init:
             action = REPLACE
-        info["grace_action"] = float(action)
+        info = {"grace_action": action, "grace_nearest": d, "grace_loss": float("nan"), "grace_steps": 0.0}
         if action == EXPAND:
             self.eps[j] = max(float(self.eps[j]), d)
             return info
@@ -171,8 +184,7 @@ class GRACEEditor(Editor):
     def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> Delta:
         if self._handle is None:
             raise RuntimeError("grace needs prepare() to put its adaptor on the model before apply()")
-        infos = [self.edit_one(lm, r) for r in requests]
-        info = {k: sum(x[k] for x in infos) / len(infos) for k in infos[0]}
+        info = average_info([self.edit_one(lm, r) for r in requests])
         norms = self.values.norm(dim=1)
         info.update({"codebook_size": float(len(self.keys)), "value_norm_mean": float(norms.mean()),
                      "value_norm_max": float(norms.max()), "eps_mean": float(self.eps.mean())})

@@ -17,7 +17,7 @@ import torch
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
-from editlab.evaluate.scoring import Encoded, encode, mean_per_pair, target_logprobs
+from editlab.evaluate.scoring import Encoded, encode, teacher_forced_nll
 from editlab.methods.base import Editor
 from editlab.models.loading import LoadedModel
 
@@ -57,8 +57,7 @@ class LocFTBFEditor(Editor):
         return enc
 
     def loss(self, lm: LoadedModel, encs: Sequence[Encoded]) -> torch.Tensor:
-        logp, _, owner = target_logprobs(lm.model, encs, lm.tok.pad_token_id)
-        return mean_per_pair(-logp, owner, len(encs)).mean()
+        return teacher_forced_nll(lm.model, encs, lm.tok.pad_token_id)
 
     def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> Delta:
         hp = self.hp

@@ -14,6 +14,7 @@ import torch
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
+from editlab.methods.diagnostics import average_info
 from editlab.methods.keyed import KeyValueEditor, scratch_weights
 from editlab.methods.keys import read_templates, two_level_mean
 from editlab.methods.zopt import optimize_targets
@@ -103,14 +104,13 @@ class MEMITEditor(KeyValueEditor):
                 resid = (zs.to(cur.device) - cur).to(keys.device) / (len(hp.layers) - i)
                 r, a = self.solve(layer, keys, resid, lm)
                 step_keys[layer] = keys
-                upd = table.to_param((r @ a.T).float())
+                upd, (left, right) = table.param_delta(r, a)
+                upd = upd.float()
                 w = weights[names[layer]]
                 with torch.no_grad():
                     w.add_(upd.to(w.dtype))
                 params[names[layer]] = upd
-                pair = (a.float(), r.float()) if table.spec.transposed else (r.float(), a.float())
-                factors[names[layer]] = [pair]
+                factors[names[layer]] = [(left.float(), right.float())]
         self.edited(step_keys)
-        info = {k: sum(x[k] for x in infos) / len(infos) for k in infos[0]}
-        info.update(self.solve_info)
+        info = {**average_info(infos), **self.solve_info}
         return Delta(params=params, factors=factors, info=info)

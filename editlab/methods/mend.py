@@ -68,9 +68,8 @@ class MENDEditor(Editor):
         for layer, (a, b) in self.net.updates(factors).items():
             name = lm.table.mlp_out_weight_name(layer)
             w = lm.table.mlp_out_weight(layer)
-            # dW (maths) = a @ b.T; GPT-2's Conv1D stores W.T, whose delta is b @ a.T.
-            a, b = (b, a) if lm.table.spec.transposed else (a, b)
-            a, b = a.to(w.device), b.to(w.device)  # the network's device may not be this layer's
-            params[name] = (a @ b.T).to(w.dtype)
+            # dW = a @ b.T (maths); a, b sit on the network's device, which may not be this layer's
+            upd, (a, b) = lm.table.param_delta(a.to(w.device), b.to(w.device))
+            params[name] = upd.to(w.dtype)
             pieces[name] = [(a.to(w.dtype), b.to(w.dtype))]
         return Delta(params=params, factors=pieces, info={"loss": loss, "tokens": float(factors[self.hp.layers[0]][0].shape[0])})

@@ -15,6 +15,7 @@ import torch
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
+from editlab.methods.diagnostics import average_info
 from editlab.methods.keyed import KeyValueEditor, scratch_weights
 from editlab.methods.keys import read_templates
 from editlab.methods.zopt import optimize_targets
@@ -100,13 +101,11 @@ class ROMEEditor(KeyValueEditor):
         with scratch_weights({name: w}):
             for req in requests:
                 r1, info = self.rank_one(lm, req)
-                upd_math = torch.outer(r1.right, r1.left).float()
-                upd = lm.table.to_param(upd_math)
+                upd, (a, b) = lm.table.param_delta(r1.right[:, None], r1.left[:, None])
+                upd = upd.float()
                 with torch.no_grad():
                     w.add_(upd.to(w.dtype))
                 total += upd
-                a, b = (r1.left, r1.right) if lm.table.spec.transposed else (r1.right, r1.left)
-                factors.append((a.float()[:, None], b.float()[:, None]))  # [out, 1], [in, 1]
+                factors.append((a.float(), b.float()))
                 infos.append(info)
-        info = {k: sum(i[k] for i in infos) / len(infos) for k in infos[0]}
-        return Delta(params={name: total}, factors={name: factors}, info=info)
+        return Delta(params={name: total}, factors={name: factors}, info=average_info(infos))

@@ -245,6 +245,14 @@ class ModuleTable:
     def to_math(self, w_param: torch.Tensor) -> torch.Tensor:
         return w_param.T if self.spec.transposed else w_param
 
+    def param_delta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """A low-rank update ΔW = a bᵀ in maths orientation (``a: [out, k]``, ``b: [in, k]``) as
+        the parameter's dense delta and its factors ``(a', b')`` with delta = a' b'ᵀ, both in the
+        parameter's layout: GPT-2's Conv1D stores Wᵀ, whose delta is b aᵀ.  The dense delta is
+        formed from the returned factors, in their dtype, so that the two agree exactly."""
+        a, b = (b, a) if self.spec.transposed else (a, b)
+        return a @ b.T, (a, b)
+
     @property
     def final_norm(self) -> nn.Module:
         return self.module(self.spec.final_norm)
