@@ -99,7 +99,7 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     from editlab.cli import CONF_DIR
-    from editlab.config import register_configs
+    from editlab.compose import register_configs
     from editlab.models import load_model
 
     register_configs()

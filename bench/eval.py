@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from editlab.config import register_configs
+from editlab.compose import register_configs
 
 GLUE = "glue/paper_subsets/gradual-catastrophic-forgetting"
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", type=Path)
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     args = p.parse_args(argv)
-    from editlab.config import register_configs
+    from editlab.compose import register_configs
 
     register_configs()
     torch.use_deterministic_algorithms(True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from editlab.cli import CONF_DIR, normalize_overrides
-from editlab.config import register_configs
+from editlab.compose import register_configs
 from editlab.data import build_requests
 from editlab.deltas import DeltaLedger
 from editlab.evaluate.rewrite import score_requests

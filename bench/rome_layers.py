@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from editlab.cli import CONF_DIR, normalize_overrides
-from editlab.config import register_configs
+from editlab.compose import register_configs
 from editlab.data import build_requests
 from editlab.data.text import corpus_texts
 from editlab.deltas import DeltaLedger

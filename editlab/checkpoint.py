@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from editlab.errors import CheckpointError, CheckpointRefused, CorruptCheckpoint
 from editlab.evaluate.schedule import due
 from editlab.ledger import EditLedger
 
@@ -51,18 +52,6 @@ TENSOR_REF = "__tensor__"
 VOLATILE = ("run_dir", "resume", "cache_dir", "checkpoint", "tracker", "stream.progress", "stream.on_bad_edit",
             "data.root", "data.download", "data.counterfact_url", "model.device", "model.device_map", "eval.batch_size",
             "hydra")
-
-
-class CheckpointError(RuntimeError):
-    """Writing a checkpoint failed; the previous one is untouched."""
-
-
-class CheckpointRefused(RuntimeError):
-    """The run dir's checkpoint cannot be resumed (foreign or corrupted) under this ``resume`` mode."""
-
-
-class CorruptCheckpoint(CheckpointRefused):
-    pass
 
 
 # -- config identity -----------------------------------------------------------------------

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -11,13 +10,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from editlab.config import register_configs
+from editlab.compose import normalize_overrides, register_configs
+from editlab.config import CONF_DIR
 
 log = logging.getLogger("editlab")
 
 
-# An absolute path works both from a checkout and from an installed wheel (conf/ ships inside).
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 # launch/ (SLURM launcher configs, on Hydra's search path via EDITLAB_LAUNCH) sits beside conf/ in
 # a checkout; defaulting to it lets jobs start from any working directory.
 os.environ.setdefault("EDITLAB_LAUNCH", str(Path(CONF_DIR).resolve().parent / "launch"))
@@ -30,22 +28,6 @@ def run_main(cfg: DictConfig) -> None:
     run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
     summary = run(cfg, run_dir)
     print(f"editlab: {summary.get('n_edits', 0)} edits done; results in {run_dir}")
-
-
-_NUMERIC_GROUP = re.compile(r"^(\+{0,2}sample)=(\d+(?:,\d+)*)$")
-
-
-def normalize_overrides(args: list[str]) -> list[str]:
-    """Quote numeric choices of the ``sample`` group (``sample=3`` -> ``sample='3'``).
-
-    Hydra parses ``3`` as an int, and config-group choices must be strings; the paper's samples
-    are numbered, so ``sample=3`` (and multirun ``sample=1,2,3``) must work as typed.
-    """
-    out = []
-    for a in args:
-        m = _NUMERIC_GROUP.match(a)
-        out.append(f"{m.group(1)}=" + ",".join(f"'{v}'" for v in m.group(2).split(",")) if m else a)
-    return out
 
 
 # `editlab <command> key=value ...`: commands other than running a stream, each a module with

@@ -12,6 +12,14 @@ Methods have a second layer: their hyperparameters differ per model.  A method's
 only set by users on the command line (``method.layers=[5]``), which always wins.  A model with no
 row takes the row of the method's ``reference_model`` with its layers moved to the same relative
 depth of the model's layer count (never the reference's absolute layer numbers).
+
+A method derived from another starts from its rows: ``inherit: memit`` takes
+``conf/method/memit.yaml``'s rows, keeping the keys this method's schema has, and merges its own
+rows over them (see :func:`with_inherited`).  So EMMET, AlphaEdit and ENCORE follow MEMIT's
+per-model choices instead of carrying copies that drift.
+
+This module is read by the methods and never reads them: a method's schema reaches Hydra through
+``editlab.registry`` (see ``editlab.compose.register_configs``).
 """
 from __future__ import annotations
 
@@ -19,12 +27,16 @@ import dataclasses
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Type, TypeVar
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+# An absolute path works both from a checkout and from an installed wheel (conf/ ships inside).
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @dataclass
@@ -164,6 +176,8 @@ class MethodNode:
     # The row a model without one takes, its layers moved to the same relative depth.
     reference_model: Optional[str] = None
     reference_n_layers: Optional[int] = None  # the reference model's number of blocks
+    # Another method whose per_model rows (and reference) this one starts from; see with_inherited.
+    inherit: Optional[str] = None
 
 
 H = TypeVar("H")
@@ -222,21 +236,51 @@ def _reference_row(method_cfg: DictConfig, model_name: str, n_layers: Optional[i
     return {**row, "layers": layers}
 
 
+def with_inherited(method_cfg: DictConfig, fields: set[str], _chain: tuple[str, ...] = ()) -> DictConfig:
+    """``method_cfg``'s table and reference with those of the method it ``inherit``s merged under.
+
+    The inherited method is read from ``conf/method/<inherit>.yaml`` (and resolved the same way,
+    so chains work).  Its rows keep only the keys in ``fields``, the inheriting method's schema: a
+    hyperparameter the method does not read must not reach it.  The method's own row for a model
+    is merged over the inherited one key by key; ``reference_model``/``reference_n_layers`` are
+    the method's own, else inherited.
+    """
+    parent_name = method_cfg.get("inherit")
+    if parent_name is None:
+        return method_cfg
+    name = method_cfg.get("name")
+    chain = (*_chain, name)
+    if parent_name in chain:
+        raise ValueError(f"method {name}: inherit cycle {' -> '.join((*chain, parent_name))}")
+    path = Path(CONF_DIR) / "method" / f"{parent_name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"method {name}: inherit: {parent_name!r}, but there is no {path}")
+    parent = with_inherited(OmegaConf.load(path), fields, chain)
+    inherited = OmegaConf.to_container(parent.get("per_model") or OmegaConf.create())
+    rows = {model: {k: v for k, v in (row or {}).items() if k in fields} for model, row in inherited.items()}
+    reference = {k: method_cfg.get(k) if method_cfg.get(k) is not None else parent.get(k)
+                 for k in ("reference_model", "reference_n_layers")}
+    table = OmegaConf.merge(rows, method_cfg.get("per_model") or {})
+    return OmegaConf.create({"name": name, "per_model": table, **reference})
+
+
 def resolve_hparams(method_cfg: DictConfig, model_name: str, hparams_cls: Type[H],
                     n_layers: Optional[int] = None) -> H:
     """Effective hyperparameters: dataclass defaults <- per-model row <- explicit overrides.
 
+    The per-model row is the inherited method's row under the method's own (:func:`with_inherited`).
     A model with no row (and no ``default`` row) takes the method's reference row with its layers
     at the same relative depth of the model's ``n_layers`` blocks.
     """
     base = OmegaConf.structured(hparams_cls)
-    table = method_cfg.get("per_model") or {}
     names = {f.name for f in dataclasses.fields(hparams_cls)}
+    node = with_inherited(method_cfg, names)
+    table = node.get("per_model") or {}
     overrides = {k: v for k, v in method_cfg.items() if k in names and v is not None}
     if model_name in table or "default" in table:
         row = table.get(model_name, table.get("default"))
     else:
-        row = _reference_row(method_cfg, model_name, n_layers, "layers" in overrides)
+        row = _reference_row(node, model_name, n_layers, "layers" in overrides)
     try:
         merged = OmegaConf.merge(base, row or {}, overrides)
     except Exception as e:  # an unknown key in a per-model row
@@ -249,8 +293,9 @@ def resolve_hparams(method_cfg: DictConfig, model_name: str, hparams_cls: Type[H
     return hp
 
 
-def register_configs() -> None:
-    """Register the schemas; method schemas are registered by ``editlab.methods``."""
+def store_schemas(method_hparams: Mapping[str, Type[Any]]) -> None:
+    """Register every group's schema in Hydra's ConfigStore, and ``<name>_schema`` for each
+    method's hyperparameter class (``editlab.compose.register_configs`` gathers them)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
@@ -258,7 +303,5 @@ def register_configs() -> None:
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
     cs.store(group="tracker", name="tracker_schema", node=TrackerConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
-    from editlab.methods import METHODS
-
-    for name, entry in METHODS.items():
-        cs.store(group="method", name=f"{name}_schema", node=method_node_schema(entry.Hparams))
+    for name, hparams_cls in method_hparams.items():
+        cs.store(group="method", name=f"{name}_schema", node=method_node_schema(hparams_cls))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from editlab.errors import BadEdit
 from editlab.ledger import as_column
 
 # A step's factors must reproduce its dense delta to this relative Frobenius error: loose enough
@@ -30,10 +31,6 @@ class Delta:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)  # method diagnostics, logged under method/
-
-
-class BadEdit(RuntimeError):
-    """A delta that must not be applied (non-finite, or its norm past the bound)."""
 
 
 class DeltaLedger:

@@ -213,20 +213,3 @@ def rewrite_panels(windows=(5, 50), magnitude: bool = False) -> list[tuple[str, 
 def task_title(task: str) -> str:
     return TASK_TITLES.get(task, task)
 
-
-def publish_results(run_dir: str | Path, tracker, draw: bool = True) -> None:
-    """End of a run: Table 3 into the tracker's summary (``paper/*``) and, if ``draw``, the
-    figures into ``<run_dir>/plots``.  Never raises: a plotting bug must not lose a finished run."""
-    try:
-        row = table3(load_run(run_dir))
-        tracker.summary({f"paper/{k}": v for k, v in row.items()})
-    except Exception:  # noqa: BLE001 - reported, and the run's own files are already written
-        log.exception("could not summarise %s for Table 3; metrics.jsonl is intact", run_dir)
-    if not draw:
-        return
-    try:
-        from editlab.plots import plot_runs
-
-        plot_runs([run_dir], Path(run_dir) / "plots")
-    except Exception:  # noqa: BLE001
-        log.exception("could not draw the plots of %s; metrics are intact (retry: editlab plot run_dir=...)", run_dir)

@@ -13,12 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from editlab.checkpoint import Checkpointer
 from editlab.data import build_requests
 from editlab.deltas import DeltaLedger
+from editlab.errors import StreamStopped
 from editlab.evaluate.evaluator import Evaluator
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
 from editlab.models.loading import layer_count
-from editlab.stream import EditStream, StreamStopped
-from editlab.results import publish_results
+from editlab.stream import EditStream
+from editlab.publish import publish_results
 from editlab.tracking import build_tracker
 
 log = logging.getLogger(__name__)

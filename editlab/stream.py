@@ -16,16 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from editlab.data.requests import EditRequest
-from editlab.deltas import BadEdit, DeltaLedger
+from editlab.deltas import DeltaLedger
+from editlab.errors import BadEdit, EditFailed, StreamStopped
 from editlab.evaluate.evaluator import Evaluator
-from editlab.methods.base import EditFailed, Editor
+from editlab.methods.base import Editor
 from editlab.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-class StreamStopped(RuntimeError):
-    """``stream.on_bad_edit=stop`` and an edit failed."""
 
 
 @dataclass

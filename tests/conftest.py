@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from editlab.config import register_configs
+from editlab.compose import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDITLAB_DATA", ROOT.parent / "shared" / "data"))

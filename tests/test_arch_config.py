@@ -1,5 +1,6 @@
 """Any causal LM by config: model.arch, probing unknown model types, relative-depth layers for a
 model with no per_model row, GGUF files on disk, and model.device_map."""
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -11,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import compose
-from editlab.config import relative_layers, resolve_hparams
+from editlab.config import relative_layers, resolve_hparams, with_inherited
 from editlab.data import build_requests
 from editlab.deltas import DeltaLedger
 from editlab.methods import METHODS, EditorContext, build_editor
@@ -139,7 +140,8 @@ def test_a_range_longer_than_the_model_is_an_error():
 def test_every_method_names_a_reference_row_with_its_layer_count():
     known = {"gpt2-xl": 48, "gpt2": 12, "gpt-j-6b": 28, "llama3-8b": 32, "smollm2-135m": 30}
     for name in METHODS:
-        m = compose(f"method={name}").method
+        fields = {f.name for f in dataclasses.fields(METHODS[name].Hparams)}
+        m = with_inherited(compose(f"method={name}").method, fields)  # its own, or the one it inherits
         assert m.reference_model in m.per_model, name
         assert m.reference_n_layers == known[m.reference_model], name
 

@@ -10,10 +10,11 @@ import torch
 
 from conftest import compose
 from editlab import checkpoint as ck
+from editlab import errors
 from editlab.config import resolve_hparams
 from editlab.methods.ft import FTEditor, FTHparams
 from editlab.run import run
-from editlab.stream import StreamStopped
+from editlab.errors import StreamStopped
 
 TINY = ("model=tiny-gpt2", "method=ft", "eval=none", "tracker=none", "method.steps=3")
 
@@ -99,9 +100,9 @@ def test_rerun_of_a_finished_run_changes_nothing(tmp_path, data_root):
 def test_foreign_checkpoint_is_refused_unless_forced(tmp_path, data_root):
     tiny_run(tmp_path, "checkpoint.every=2", n=4)
     (tmp_path / "checkpoints" / "LATEST").write_text("ckpt-0000002")  # as if killed after edit 2
-    with pytest.raises(ck.CheckpointRefused, match=r"belongs to another run.*hparams.lr: 0.0005 -> 0.001"):
+    with pytest.raises(errors.CheckpointRefused, match=r"belongs to another run.*hparams.lr: 0.0005 -> 0.001"):
         tiny_run(tmp_path, "checkpoint.every=2", "method.lr=1e-3", n=4)
-    with pytest.raises(ck.CheckpointRefused, match=r"base model is 'tiny:gpt2:0', this run's is 'tiny:llama:0'"):
+    with pytest.raises(errors.CheckpointRefused, match=r"base model is 'tiny:gpt2:0', this run's is 'tiny:llama:0'"):
         run(compose("model=tiny-llama", *TINY[1:], "sample.n_edits=4"), tmp_path)
     summary = tiny_run(tmp_path, "checkpoint.every=2", "method.lr=1e-3", "resume=force", n=4)
     assert summary["n_edits"] == 4
@@ -110,7 +111,7 @@ def test_foreign_checkpoint_is_refused_unless_forced(tmp_path, data_root):
 
 def test_resume_never_refuses_an_existing_run(tmp_path, data_root):
     tiny_run(tmp_path, n=2)
-    with pytest.raises(ck.CheckpointRefused, match="resume=never"):
+    with pytest.raises(errors.CheckpointRefused, match="resume=never"):
         tiny_run(tmp_path, "resume=never", n=2)
 
 
@@ -121,7 +122,7 @@ def test_corrupted_checkpoint_refused_then_forced_falls_back(tmp_path, data_root
     raw = bytearray(bad.read_bytes())
     raw[-3] ^= 0xFF
     bad.write_bytes(bytes(raw))
-    with pytest.raises(ck.CorruptCheckpoint, match=r"ckpt-0000004.*deltas.safetensors does not match its checksum"):
+    with pytest.raises(errors.CorruptCheckpoint, match=r"ckpt-0000004.*deltas.safetensors does not match its checksum"):
         tiny_run(tmp_path, "checkpoint.every=2", n=4)
     with caplog.at_level(logging.WARNING):
         tiny_run(tmp_path, "checkpoint.every=2", "resume=force", n=4)
@@ -156,7 +157,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, data_root, monkeypatc
         return real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(ck, "save_file", failing)
-    with pytest.raises(ck.CheckpointError, match=r"ckpt-0000004 failed.*No space left.*ckpt-0000002\) is intact"):
+    with pytest.raises(errors.CheckpointError, match=r"ckpt-0000004 failed.*No space left.*ckpt-0000002\) is intact"):
         tiny_run(tmp_path, "checkpoint.every=2", n=6)
     root = tmp_path / "checkpoints"
     assert calls["n"] == 1 and (root / "LATEST").read_text() == "ckpt-0000002"

@@ -1,4 +1,5 @@
 """Config composition: every option of every group, schema checks, per-model method defaults."""
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from omegaconf.errors import ConfigKeyError
 
 from conftest import ROOT, compose
 from editlab.cli import CONF_DIR, normalize_overrides
-from editlab.config import resolve_hparams
+from editlab.config import resolve_hparams, with_inherited
 from editlab.methods import METHODS
 
 CONF = Path(CONF_DIR)
@@ -104,12 +105,17 @@ def test_numeric_sample_choices_are_quoted_for_hydra():
 
 # -- per-model method defaults -----------------------------------------------------------------
 
+def table(method_cfg):
+    """A method's per_model rows as it reads them: inherited rows under its own."""
+    return with_inherited(method_cfg, {f.name for f in dataclasses.fields(METHODS[method_cfg.name].Hparams)}).per_model
+
+
 def method_rows():
     rows = []
     for method in options("method"):
         cfg = compose(f"method={method}", "tracker=none")
         for model in options("model"):
-            rows.append((method, model, model in cfg.method.per_model))
+            rows.append((method, model, model in table(cfg.method)))
     return rows
 
 
@@ -119,7 +125,7 @@ def test_every_method_model_row_resolves_and_validates(method, model, has_row):
     assert method in METHODS, f"conf/method/{method}.yaml has no editor class in editlab.methods.METHODS"
     hp = resolve_hparams(cfg.method, cfg.model.name, METHODS[method].Hparams)  # validate() runs inside
     if has_row:
-        for key, value in cfg.method.per_model[model].items():
+        for key, value in table(cfg.method)[model].items():
             assert OmegaConf.to_container(OmegaConf.create({"v": value}))["v"] == getattr(hp, key), key
 
 
@@ -154,6 +160,50 @@ def test_model_without_a_row_gets_the_default_row_or_the_reference_depth():
     method = OmegaConf.create({"name": "ft", "per_model": {}})
     with pytest.raises(ValueError, match="names no reference_model"):
         resolve_hparams(method, "some-new-model", METHODS["ft"].Hparams, n_layers=30)
+
+
+# -- inherit: rows that start from another method's ---------------------------------------------
+
+def fields(hparams) -> set[str]:
+    return {f.name for f in dataclasses.fields(hparams)}
+
+
+@pytest.mark.parametrize("method", ["emmet", "alphaedit", "encore"])
+def test_memits_descendants_take_its_rows(method):
+    cfg, memit = compose(f"method={method}").method, compose("method=memit").method
+    assert cfg.inherit == "memit"
+    for model in [*memit.per_model, "some-new-model"]:
+        hp = resolve_hparams(cfg, model, METHODS[method].Hparams, n_layers=30)
+        ref = resolve_hparams(memit, model, METHODS["memit"].Hparams, n_layers=30)
+        shared = fields(type(hp)) & fields(type(ref))
+        assert {k: getattr(hp, k) for k in shared} == {k: getattr(ref, k) for k in shared}, model
+
+
+def test_the_methods_own_keys_win_over_inherited_ones_and_the_command_line_over_both():
+    own = OmegaConf.create({"name": "emmet", "inherit": "memit", "v_lr": 0.3,
+                            "per_model": {"gpt2": {"mom2_update_weight": 5, "emmet_lambda": 0.5, "v_lr": 0.2}}})
+    hp = resolve_hparams(own, "gpt2", METHODS["emmet"].Hparams)
+    assert (hp.layers, hp.mom2_update_weight, hp.emmet_lambda, hp.v_lr) == ([3, 4, 5], 5, 0.5, 0.3)
+    assert resolve_hparams(own, "tiny-gpt2", METHODS["emmet"].Hparams).mom2_update_weight == 100  # memit's
+    assert resolve_hparams(compose("method=emmet").method, "smollm2-135m",
+                           METHODS["emmet"].Hparams).mom2_update_weight == 2000  # not the 15000 it once copied
+
+
+def test_inherited_keys_the_method_does_not_read_are_dropped():
+    assert "mom2_update_weight" not in fields(METHODS["alphaedit"].Hparams)
+    assert "mom2_update_weight" in compose("method=memit").method.per_model["tiny-gpt2"]
+    hp = resolve_hparams(compose("method=alphaedit").method, "tiny-gpt2", METHODS["alphaedit"].Hparams)
+    assert hp.layers == [1, 2] and hp.mom2_n_tokens == 2000
+    own = OmegaConf.create({"name": "alphaedit", "inherit": "memit", "per_model": {"gpt2": {"mom2_update_weight": 1}}})
+    with pytest.raises(ValueError, match=r"alphaedit: bad per_model row for 'gpt2'.*mom2_update_weight"):
+        resolve_hparams(own, "gpt2", METHODS["alphaedit"].Hparams)  # its own rows are checked in full
+
+
+def test_inherit_of_a_missing_method_or_of_itself_is_an_error():
+    with pytest.raises(ValueError, match=r"emmet: inherit: 'memitt', but there is no .*memitt.yaml"):
+        resolve_hparams(OmegaConf.create({"name": "emmet", "inherit": "memitt"}), "gpt2", METHODS["emmet"].Hparams)
+    with pytest.raises(ValueError, match="inherit cycle memit -> memit"):
+        resolve_hparams(OmegaConf.create({"name": "memit", "inherit": "memit"}), "gpt2", METHODS["memit"].Hparams)
 
 
 def test_bad_per_model_row_names_method_and_model():

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from editlab.data import DataError, EditRequest, build_requests, load_counterfact, load_order, select_requests
+from editlab.data import EditRequest, build_requests, load_counterfact, load_order, select_requests
+from editlab.errors import DataError
 
 ORIGINAL = "counterfact/original_schema_subset/counterfact_original_schema_2715.json"
 FLAT = "counterfact/easyedit_splits/counterfact-edit.json"

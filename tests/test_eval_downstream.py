@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from editlab.data.counterfact import DataError
 from editlab.data.glue import GlueExample, GlueTask, load_task
+from editlab.errors import DataError
 from editlab.evaluate.downstream import DownstreamEval
 
 GLUE = "glue/paper_subsets/gradual-catastrophic-forgetting"

@@ -129,6 +129,21 @@ def test_encore_stops_once_targets_are_the_argmax(tmp_path, data_root):
     assert full.info["v_steps"] == 14
 
 
+def test_key_statistics_are_keyed_by_what_changes_them_alone(tmp_path, data_root):
+    """MEMIT with another λ or v_lr, and AlphaEdit and EMMET on MEMIT's layers, load the files MEMIT
+    saved: no hyperparameter outside the statistics' own (mom2_corpus/n_tokens/max_len/dtype)
+    enters their cache key."""
+    make("tiny-gpt2", "memit", tmp_path, n=1)
+    saved = sorted((tmp_path / "stats").glob("*.safetensors"))
+    assert len(saved) == 2  # layers 1 and 2
+    for method, *overrides in (("memit", "method.mom2_update_weight=5", "method.v_lr=0.1"), ("alphaedit",),
+                               ("emmet", "method.v_steps=3")):
+        make("tiny-gpt2", method, tmp_path, *overrides, n=1)
+        assert sorted((tmp_path / "stats").glob("*.safetensors")) == saved, method
+    make("tiny-gpt2", "memit", tmp_path, "method.mom2_n_tokens=1500", n=1)
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 4  # a statistics field does
+
+
 def test_encore_solve_constrains_norm_and_keeps_past_keys(tmp_path, data_root):
     lm, editor, requests = make("tiny-llama", "encore", tmp_path, n=2)
     seen = _capture_solves(editor)

@@ -155,7 +155,7 @@ def test_real_tiny_run_plots_into_its_run_dir(data_root, cache_dir, tmp_path):
 
 def test_a_plotting_failure_never_loses_the_run(two_runs, monkeypatch, caplog):
     import editlab.plots
-    from editlab.results import publish_results
+    from editlab.publish import publish_results
     from editlab.tracking import JsonlTracker
 
     def broken(*a, **k):

@@ -1,7 +1,7 @@
 """CounterFact requests, the paper's sample orders, and other data files."""
 from pathlib import Path
 
-from editlab.data.counterfact import DataError, load_counterfact
+from editlab.data.counterfact import load_counterfact
 from editlab.data.download import download, ensure_file
 from editlab.data.requests import EditRequest
 from editlab.data.samples import load_order, select_requests
@@ -17,5 +17,5 @@ def build_requests(data_cfg, sample_cfg) -> list[EditRequest]:
     return select_requests(records, order, sample_cfg.n_edits)
 
 
-__all__ = ["DataError", "EditRequest", "build_requests", "download", "ensure_file", "load_counterfact",
+__all__ = ["EditRequest", "build_requests", "download", "ensure_file", "load_counterfact",
            "load_order", "select_requests"]

@@ -7,12 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from editlab.data.requests import EditRequest
+from editlab.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A malformed data file or record; the message names file, case_id and field."""
 
 
 def _text(rec: dict, path: tuple[str, ...], file: Path, case_id: Any) -> str:

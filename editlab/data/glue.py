@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from editlab.data.counterfact import DataError
+from editlab.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from editlab.data.counterfact import DataError
 from editlab.data.requests import EditRequest
+from editlab.errors import DataError
 
 
 def load_order(file: str | Path, index: int) -> list[int]:

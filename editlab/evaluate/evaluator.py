@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from editlab.data.requests import EditRequest
-from editlab.deltas import BadEdit, DeltaLedger
+from editlab.deltas import DeltaLedger
+from editlab.errors import BadEdit, EditFailed
 from editlab.evaluate.collapse import Jump, collapse_onset, jumps
 from editlab.evaluate.downstream import DownstreamEval
 from editlab.evaluate.forgetting import ForgetTracker
@@ -157,8 +158,6 @@ class Evaluator:
         of the run at that point, and (when downstream is measured) the likelihood F1 falls by
         ``collapse_f1_drop`` from the unedited model's.  The run's weights are restored after.
         """
-        from editlab.methods.base import EditFailed
-
         suspects = self._disabling_jumps()
         if not suspects:
             return {"collapse/confirmed": []}

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from editlab.data import DataError, EditRequest, load_counterfact, load_order, select_requests
+from editlab.data import EditRequest, load_counterfact, load_order, select_requests
+from editlab.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from editlab.mend.data import Excluded, evaluated_records, training_records
 from editlab.mend.factor import gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
 from editlab.mend.store import load_editor, save_editor
-from editlab.models.loading import LoadedModel
+from editlab.models.loading import LoadedModel, layer_count
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     from hydra import compose, initialize_config_dir
 
-    from editlab.cli import CONF_DIR, normalize_overrides
-    from editlab.config import register_configs, resolve_hparams
+    from editlab.compose import normalize_overrides, register_configs
+    from editlab.config import CONF_DIR, resolve_hparams
     from editlab.methods.mend import MENDHparams
     from editlab.models import load_model
 
@@ -305,7 +305,9 @@ def main(argv: list[str]) -> int:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             run_cfg = compose(config_name="config",
                               overrides=normalize_overrides(["method=mend", "tracker=none", "eval=none", *overrides]))
-        layers = cfg.layers or resolve_hparams(run_cfg.method, run_cfg.model.name, MENDHparams).layers
+        # A model with no MEND row takes the reference row's layers at its depth, from its layer count.
+        n_layers = layer_count(run_cfg.model, run_cfg.cache_dir, seed=run_cfg.seed)
+        layers = cfg.layers or resolve_hparams(run_cfg.method, run_cfg.model.name, MENDHparams, n_layers).layers
         data_root = Path(run_cfg.data.root).expanduser()
         excluded = evaluated_records(data_root / run_cfg.data.counterfact, data_root / run_cfg.data.sample_orders,
                                      cfg.exclude_n_edits)

@@ -1,28 +1,33 @@
-"""Editing methods.  Each is an :class:`Editor` with a hyperparameter dataclass.
+"""Editing methods.  Each is an :class:`Editor` registered with its hyperparameter dataclass.
 
-``METHODS`` maps a config name to its editor class; a method's yaml under ``conf/method/``
-carries the per-model table of its defaults.
+A built-in method is one module of this package whose editor class is decorated with
+:func:`editlab.registry.register_method`, plus its ``conf/method/<name>.yaml`` (the per-model
+table of its defaults).  Importing this package imports every module in it, so nothing keeps a
+list of methods by hand.
+
+Methods outside editlab register the same way from their own package, found through the
+``editlab.methods`` entry-point group, e.g. in its ``pyproject.toml``::
+
+    [project.entry-points."editlab.methods"]
+    mymethod = "mypackage.mymethod"
+
+Each entry point names a module (or an object in it); loading it runs its ``register_method``.
+Its yaml goes on Hydra's search path (``hydra.searchpath=[pkg://mypackage/conf]``).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
 
 from editlab.config import resolve_hparams
-from editlab.methods.base import Delta, EditFailed, Editor, EditorContext
-from editlab.methods.alphaedit import AlphaEditEditor
-from editlab.methods.emmet import EMMETEditor
-from editlab.methods.encore import ENCOREEditor
-from editlab.methods.ft import FTEditor
-from editlab.methods.grace import GRACEEditor
-from editlab.methods.locft_bf import LocFTBFEditor
-from editlab.methods.memit import MEMITEditor
-from editlab.methods.mend import MENDEditor
-from editlab.methods.rome import ROMEEditor
+from editlab.methods.base import Editor, EditorContext
+from editlab.registry import METHODS
 
-METHODS: dict[str, type[Editor]] = {
-    cls.name: cls for cls in (FTEditor, ROMEEditor, MEMITEditor, EMMETEditor, AlphaEditEditor, ENCOREEditor, MENDEditor,
-                              GRACEEditor, LocFTBFEditor)
-}
+for _module in pkgutil.iter_modules(__path__, f"{__name__}."):
+    importlib.import_module(_module.name)
+for _entry in entry_points(group="editlab.methods"):
+    _entry.load()
 
 
 def build_editor(method_cfg, model_name: str, ctx: EditorContext) -> Editor:
@@ -33,4 +38,4 @@ def build_editor(method_cfg, model_name: str, ctx: EditorContext) -> Editor:
     return cls(resolve_hparams(method_cfg, model_name, cls.Hparams, ctx.n_layers), ctx)
 
 
-__all__ = ["METHODS", "Delta", "EditFailed", "Editor", "EditorContext", "Path", "build_editor"]
+__all__ = ["METHODS", "Editor", "EditorContext", "build_editor"]

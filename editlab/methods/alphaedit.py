@@ -15,13 +15,14 @@ from typing import Sequence
 import torch
 
 from editlab.data.requests import EditRequest
-from editlab.methods.memit import MEMITHparams
+from editlab.methods.memit import LayerSpreadHparams
 from editlab.methods.past_keys import PastKeysEditor
 from editlab.models.loading import LoadedModel
+from editlab.registry import register_method
 
 
-@dataclass
-class AlphaEditHparams(MEMITHparams):
+@dataclass(frozen=True)
+class AlphaEditHparams(LayerSpreadHparams):
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
 
@@ -46,10 +47,8 @@ def alphaedit_solve(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor,
     return resid.double(), torch.linalg.solve(lhs, p @ k)
 
 
+@register_method("alphaedit", hparams=AlphaEditHparams)
 class AlphaEditEditor(PastKeysEditor):
-    name = "alphaedit"
-    Hparams = AlphaEditHparams
-
     def __init__(self, hparams, ctx):
         super().__init__(hparams, ctx)
         self.projectors: dict[int, torch.Tensor] = {}  # derived from the cached statistics

@@ -25,10 +25,6 @@ class EditorContext:
     n_layers: Optional[int] = None
 
 
-class EditFailed(RuntimeError):
-    """An edit that could not be computed; the stream records it and goes on (or stops)."""
-
-
 class Editor(ABC):
     """A model-editing method.
 
@@ -38,6 +34,7 @@ class Editor(ABC):
     returns it without leaving it in the model: the stream applies it through the ledger.
     """
 
+    # Set by editlab.registry.register_method on the decorated class.
     name: ClassVar[str]
     Hparams: ClassVar[type]
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from editlab.methods.memit import MEMITEditor, MEMITHparams
+from editlab.registry import register_method
 
 
-@dataclass
+@dataclass(frozen=True)
 class EMMETHparams(MEMITHparams):
     emmet_lambda: float = 0.1
     max_condition: float = 1e10  # inner matrix condition number above which pinv is used
@@ -43,10 +44,8 @@ def emmet_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam:
     return resid.double() @ inv, c_inv_k, {"emmet_cond": cond, "emmet_pinv": float(pinv)}
 
 
+@register_method("emmet", hparams=EMMETHparams)
 class EMMETEditor(MEMITEditor):
-    name = "emmet"
-    Hparams = EMMETHparams
-
     def solve(self, layer, keys, resid, lm):
         dev = lm.table.mlp_out_weight(layer).device  # the factors meet this weight
         cov = self.hp.mom2_update_weight * self.stats.mom2(layer, dev).double()

@@ -15,9 +15,10 @@ import torch
 
 from editlab.methods.memit import MEMITHparams
 from editlab.methods.past_keys import PastKeysEditor
+from editlab.registry import register_method
 
 
-@dataclass
+@dataclass(frozen=True)
 class ENCOREHparams(MEMITHparams):
     mpes_patience: int = 2
     norm_constraint: float = 10.0  # λ_n
@@ -36,10 +37,8 @@ def encore_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
     return resid.double(), torch.linalg.solve(lam * cov.double() + past.double() + k @ k.T + lam_norm * eye, k)
 
 
+@register_method("encore", hparams=ENCOREHparams)
 class ENCOREEditor(PastKeysEditor):
-    name = "encore"
-    Hparams = ENCOREHparams
-
     def target_options(self):
         return {"argmax_patience": self.hp.mpes_patience}
 

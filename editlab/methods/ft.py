@@ -16,6 +16,7 @@ from editlab.data.requests import EditRequest
 from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.methods.base import Delta, Editor
 from editlab.models.loading import LoadedModel
+from editlab.registry import register_method
 
 
 @dataclass
@@ -38,10 +39,8 @@ class FTHparams:
             raise ValueError("ft needs norm_constraint > 0, steps >= 1 and at least one layer")
 
 
+@register_method("ft", hparams=FTHparams)
 class FTEditor(Editor):
-    name = "ft"
-    Hparams = FTHparams
-
     def prepare(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         super().prepare(lm, requests)
         # The run anchor is the unedited weights; prepare always sees the unedited model.

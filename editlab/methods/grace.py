@@ -26,11 +26,12 @@ import torch
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
 from editlab.evaluate.scoring import encode, teacher_forced_nll
-from editlab.methods.base import EditFailed, Editor
+from editlab.errors import EditFailed
+from editlab.methods.base import Editor
 from editlab.methods.diagnostics import average_info
 from editlab.methods.tracing import StopForward, trace
 from editlab.models.loading import LoadedModel
-
+from editlab.registry import register_method
 
 
 class Action(IntEnum):
@@ -65,10 +66,8 @@ class GRACEHparams:
             raise ValueError("grace needs eps_init > 0, lr > 0 and steps >= 1")
 
 
+@register_method("grace", hparams=GRACEHparams)
 class GRACEEditor(Editor):
-    name = "grace"
-    Hparams = GRACEHparams
-
     def __init__(self, hparams, ctx):
         super().__init__(hparams, ctx)
         self.keys: torch.Tensor | None = None  # [n, d_in]

@@ -1,11 +1,13 @@
-"""What the key–value editors (ROME, MEMIT and their descendants) share: context templates
-generated once from the unedited model, second-moment key statistics, request checks, and
-temporarily writing updates into the model while later pieces of the same step are computed."""
+"""What the key–value editors (ROME, MEMIT and their descendants) share: their common
+hyperparameters, context templates generated once from the unedited model, second-moment key
+statistics, request checks, and temporarily writing updates into the model while later pieces of
+the same step are computed."""
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, List, Sequence
 
 import torch
 
@@ -18,6 +20,32 @@ from editlab.methods.templates import generate_templates
 from editlab.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KeyValueHparams:
+    """The hyperparameters every key–value editor reads: the edited layers, the v*/z search
+    (editlab.methods.zopt), the context templates and the key statistics (mom2_*, which alone
+    decide the statistics' cache file).  Defaults are the reference code's gpt2-xl values for ROME;
+    MEMIT's family overrides the layers, clamp and templates.  Frozen: an editor never changes
+    its hyperparameters, so a run's config says what it ran."""
+
+    layers: List[int] = field(default_factory=lambda: [17])
+    v_lr: float = 0.5
+    v_steps: int = 20
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    # Opt-in speed (off reproduces the paper): bfloat16 autocast in the v*/z loop, and stopping
+    # once the target has been the argmax on every prompt for this many steps (0 = off).
+    v_bf16: bool = False
+    v_argmax_patience: int = 0
+    context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # [length, count]
+    mom2_corpus: str = "wikitext"  # wikitext (local) | wikipedia (hub, via datasets)
+    mom2_n_tokens: int = 100_000
+    mom2_max_len: int = 128
+    mom2_dtype: str = "float32"
 
 
 class KeyValueEditor(Editor):

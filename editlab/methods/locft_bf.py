@@ -20,6 +20,7 @@ from editlab.deltas import Delta
 from editlab.evaluate.scoring import Encoded, encode, teacher_forced_nll
 from editlab.methods.base import Editor
 from editlab.models.loading import LoadedModel
+from editlab.registry import register_method
 
 
 @dataclass
@@ -39,10 +40,8 @@ class LocFTBFHparams:
             raise ValueError("locft_bf needs lr > 0, epochs >= 1 and batch_size >= 1")
 
 
+@register_method("locft_bf", hparams=LocFTBFHparams)
 class LocFTBFEditor(Editor):
-    name = "locft_bf"
-    Hparams = LocFTBFHparams
-
     def __init__(self, hparams, ctx):
         super().__init__(hparams, ctx)
         self.n_steps = 0  # steps edited so far: seeds each step's shuffles (resumable)

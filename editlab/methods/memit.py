@@ -15,35 +15,33 @@ import torch
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
 from editlab.methods.diagnostics import average_info
-from editlab.methods.keyed import KeyValueEditor, scratch_weights
+from editlab.methods.keyed import KeyValueEditor, KeyValueHparams, scratch_weights
 from editlab.methods.keys import read_templates, two_level_mean
 from editlab.methods.zopt import optimize_targets
 from editlab.models.loading import LoadedModel
+from editlab.registry import register_method
 
 
-@dataclass
-class MEMITHparams:
+@dataclass(frozen=True)
+class LayerSpreadHparams(KeyValueHparams):
+    """What MEMIT and every method built on its z-and-spread scheme read (AlphaEdit stops here:
+    it has no λ).  The defaults are the reference code's gpt2-xl values for MEMIT."""
+
     layers: List[int] = field(default_factory=lambda: [13, 14, 15, 16, 17])
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    # Opt-in speed (off reproduces the paper): bfloat16 autocast in the z loop, and stopping once
-    # the target has been the argmax on every prompt for this many steps (0 = off).
-    v_bf16: bool = False
-    v_argmax_patience: int = 0
     context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])  # [length, count]
-    mom2_update_weight: float = 20000.0  # λ
-    mom2_corpus: str = "wikitext"
-    mom2_n_tokens: int = 100_000
-    mom2_max_len: int = 128
-    mom2_dtype: str = "float32"
 
     def validate(self) -> None:
         if not self.layers or sorted(self.layers) != list(self.layers):
             raise ValueError(f"memit.layers must be a non-empty ascending list, got {self.layers}")
+
+
+@dataclass(frozen=True)
+class MEMITHparams(LayerSpreadHparams):
+    mom2_update_weight: float = 20000.0  # λ
+
+    def validate(self) -> None:
+        super().validate()
         if self.mom2_update_weight < 0:
             raise ValueError("memit.mom2_update_weight must be >= 0")
 
@@ -59,10 +57,8 @@ def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam:
     return resid.double(), adj
 
 
+@register_method("memit", hparams=MEMITHparams)
 class MEMITEditor(KeyValueEditor):
-    name = "memit"
-    Hparams = MEMITHparams
-
     def targets(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict]]:
         """z for every request, at the residual output of the last edited layer: [d, n].
         All requests of the step are optimised together (one padded pass per step)."""

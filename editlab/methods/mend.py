@@ -19,6 +19,7 @@ from editlab.mend.factor import gradient_factors
 from editlab.mend.store import load_editor
 from editlab.methods.base import Delta, Editor
 from editlab.models.loading import LoadedModel
+from editlab.registry import register_method
 
 
 @dataclass
@@ -32,10 +33,8 @@ class MENDHparams:
             raise ValueError("mend needs at least one layer")
 
 
+@register_method("mend", hparams=MENDHparams)
 class MENDEditor(Editor):
-    name = "mend"
-    Hparams = MENDHparams
-
     def prepare(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         super().prepare(lm, requests)
         hp = self.hp

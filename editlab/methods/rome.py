@@ -8,40 +8,25 @@ Either way the edited layer maps that k to v* exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
 from editlab.methods.diagnostics import average_info
-from editlab.methods.keyed import KeyValueEditor, scratch_weights
+from editlab.methods.keyed import KeyValueEditor, KeyValueHparams, scratch_weights
 from editlab.methods.keys import read_templates
 from editlab.methods.zopt import optimize_targets
 from editlab.models.loading import LoadedModel
+from editlab.registry import register_method
 
 
-@dataclass
-class ROMEHparams:
-    layers: List[int] = field(default_factory=lambda: [17])
+@dataclass(frozen=True)
+class ROMEHparams(KeyValueHparams):
     variant: str = "original"  # original (the paper) | r-rome (consistent template-averaged keys)
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
-    # Opt-in speed (off reproduces the paper): bfloat16 autocast in the v* loop, and stopping once
-    # the target has been the argmax on every prompt for this many steps (0 = off).
-    v_bf16: bool = False
-    v_argmax_patience: int = 0
-    context_templates: List[List[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # [length, count]
-    mom2_adjustment: bool = True
-    mom2_corpus: str = "wikitext"  # wikitext (local) | wikipedia (hub, via datasets)
-    mom2_n_tokens: int = 100_000
-    mom2_max_len: int = 128
-    mom2_dtype: str = "float32"
+    mom2_adjustment: bool = True  # u = C⁻¹ k̄ (false: u = k̄, and no key statistics)
 
     def validate(self) -> None:
         if self.variant not in ("original", "r-rome"):
@@ -60,10 +45,8 @@ class RankOne:
     value: torch.Tensor  # v*
 
 
+@register_method("rome", hparams=ROMEHparams)
 class ROMEEditor(KeyValueEditor):
-    name = "rome"
-    Hparams = ROMEHparams
-
     @property
     def uses_stats(self) -> bool:
         return self.hp.mom2_adjustment
