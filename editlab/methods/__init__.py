@@ -24,10 +24,16 @@ from editlab.config import resolve_hparams
 from editlab.methods.base import Editor, EditorContext
 from editlab.registry import METHODS
 
-for _module in pkgutil.iter_modules(__path__, f"{__name__}."):
-    importlib.import_module(_module.name)
-for _entry in entry_points(group="editlab.methods"):
-    _entry.load()
+
+def _import_every_method() -> None:
+    """Import the modules of this package and the entry points: each registers its method."""
+    for module in pkgutil.iter_modules(__path__, f"{__name__}."):
+        importlib.import_module(module.name)
+    for entry in entry_points(group="editlab.methods"):
+        entry.load()
+
+
+_import_every_method()
 
 
 def build_editor(method_cfg, model_name: str, ctx: EditorContext) -> Editor:
