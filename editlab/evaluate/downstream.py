@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from editlab.data.glue import GlueExample, GlueTask, load_task
 from editlab.evaluate.f1 import weighted_f1
 from editlab.evaluate.scoring import input_device
+from editlab.models.kv_cache import cache_keyword
 
 
 @dataclass
@@ -66,7 +67,7 @@ def prefix_cache(model, prefix: Sequence[int]) -> DynamicCache | None:
     if not prefix:
         return None
     ids = torch.tensor([list(prefix)], device=input_device(model))
-    return model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    return getattr(model(input_ids=ids, use_cache=True, logits_to_keep=1), cache_keyword(model))
 
 
 def _expand(cache: DynamicCache | None, batch: int) -> DynamicCache:
@@ -103,11 +104,12 @@ def predict_batch(model, seqs: Sequence[Sequence[int]], pad_id: int, cache: Dyna
     ids, mask = ids.to(device), mask.to(device)
     pos = (n_cached + mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     full_mask = torch.cat([torch.ones((b, n_cached), dtype=torch.long, device=device), mask], 1)
+    cache_kw = cache_keyword(model)
 
     def forward(x, m, p, past, keep):
-        out = model(input_ids=x, attention_mask=m, position_ids=p, past_key_values=past,
-                    use_cache=True, logits_to_keep=keep)
-        return torch.log_softmax(out.logits.float(), -1), out.past_key_values
+        out = model(input_ids=x, attention_mask=m, position_ids=p, use_cache=True, logits_to_keep=keep,
+                    **{cache_kw: past})
+        return torch.log_softmax(out.logits.float(), -1), getattr(out, cache_kw)
 
     logp, past = forward(ids, full_mask, pos, _expand(cache, b), 1)
     last = logp[:, -1]

@@ -28,7 +28,6 @@ optimising them one after another, in one padded pass.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from editlab.data.requests import EditRequest
 from editlab.evaluate.scoring import encode, pad_batch
 from editlab.methods.keys import encode_at_subject, fill
 from editlab.methods.tracing import edit_output
+from editlab.models.kv_cache import cache_keyword
 from editlab.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,6 @@ class FullPass:
         return out.to(_work_dtype(out.dtype))
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5 calls the KV cache ``cache``; 4.x called it ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class _CacheSnapshot:
     """The prefix state of a KV cache, put back before every replay.  Cache layers replace their
     tensors on update (torch.cat, slicing) rather than writing into them, so keeping references
@@ -176,56 +171,74 @@ class _CacheSnapshot:
             vars(obj).update({k: list(v) for k, v in self.lists[id(obj)].items()})
 
 
+def left_aligned(problem: Problem, column: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows padded on the left so that every subject's last token sits in ``column``:
+    (ids, attention mask, positions)."""
+    width = column + max(len(ids) - s for ids, s in zip(problem.ids, problem.subject))
+    ids = torch.full((len(problem.ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (row, s) in enumerate(zip(problem.ids, problem.subject)):
+        ids[i, column - s: column - s + len(row)] = torch.tensor(row)
+        mask[i, column - s: column - s + len(row)] = 1
+    # Explicit positions: a left-padded row must count its positions from its first real token.
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
 class CachedSuffix:
     """The fast path: blocks from ``layer`` up replayed on the suffix only (see the module doc)."""
 
     def __init__(self, lm: LoadedModel, problem: Problem, module: str, layer: int, check_rtol: float = 1e-4):
         self.lm, self.p = lm, problem
-        model, table = lm.model, lm.table
         device = lm.device
         c = max(problem.subject)  # the shared column of every subject's last token
-        width = c + max(len(ids) - s for ids, s in zip(problem.ids, problem.subject))
-        ids = torch.full((len(problem.ids), width), lm.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (row, s) in enumerate(zip(problem.ids, problem.subject)):
-            ids[i, c - s: c - s + len(row)] = torch.tensor(row)
-            mask[i, c - s: c - s + len(row)] = 1
-        # Explicit positions: a left-padded row must count its positions from its first real token.
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        ids, mask, pos = (t.to(device) for t in left_aligned(problem, c, lm.tok.pad_token_id))
         self.owner = torch.tensor(problem.owner, device=device)
         self.read_rows = torch.tensor(problem.read_rows, device=device)
         self.read_cols = torch.tensor([col - problem.subject[r] for r, col in zip(problem.read_rows, problem.read_cols)],
                                       device=device)
-        self.module = model.get_submodule(module)
-        self.blocks = list(table.module(table.spec.layers))[layer:]
-        cache_kw = _cache_kwarg(model)
-
+        self.module = lm.model.get_submodule(module)
+        self.blocks = list(lm.table.module(lm.table.spec.layers))[layer:]
+        self.cache_kw = cache_keyword(lm.model)
         with torch.no_grad():
-            cache = None
-            if c > 0:
-                out = model(input_ids=ids[:, :c], attention_mask=mask[:, :c], position_ids=pos[:, :c], use_cache=True)
-                cache = out.past_key_values if cache_kw == "past_key_values" else out.cache
+            cache = self._prefix_cache(ids[:, :c], mask[:, :c], pos[:, :c]) if c > 0 else None
             self.snapshot = _CacheSnapshot(cache) if cache is not None else None
-            captured: list[tuple[tuple, dict]] = []
-            handles = [b.register_forward_pre_hook(lambda m, a, k: captured.append((a, dict(k))), with_kwargs=True)
-                       for b in self.blocks]
-            bare = torch.tensor(problem.bare, device=device)
-            seen = {}
+            logits = self._capture_suffix(ids[:, c:], mask, pos[:, c:], cache)
+        self._check_replay(logits, check_rtol)
 
-            def record(out):
-                seen["out"] = out[bare, 0].detach().to(_work_dtype(out.dtype)).clone()
-                return out
+    def _prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor):
+        """The KV cache of the columns before the subjects' last tokens, which δ never changes."""
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        return getattr(out, self.cache_kw)
 
-            try:
-                with edit_output(self.module, record):
-                    full = model(input_ids=ids[:, c:], attention_mask=mask, position_ids=pos[:, c:],
-                                 use_cache=cache is not None, **({cache_kw: cache} if cache is not None else {}))
-            finally:
-                for h in handles:
-                    h.remove()
+    def _capture_suffix(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """Run the model once on the suffix, keeping the edited module's output at the bare
+        prompts' subject token (``target_init``) and what each replayed block receives; returns
+        the model's own logits."""
+        captured: list[tuple[tuple, dict]] = []
+        handles = [b.register_forward_pre_hook(lambda m, a, k: captured.append((a, dict(k))), with_kwargs=True)
+                   for b in self.blocks]
+        bare = torch.tensor(self.p.bare, device=ids.device)
+        seen = {}
+
+        def record(out):
+            seen["out"] = out[bare, 0].detach().to(_work_dtype(out.dtype)).clone()
+            return out
+
+        with_cache = {"use_cache": True, self.cache_kw: cache} if cache is not None else {"use_cache": False}
+        try:
+            with edit_output(self.module, record):
+                logits = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, **with_cache).logits
+        finally:
+            for h in handles:
+                h.remove()
         self.target_init = seen["out"]
-        # Each block's own arguments but the hidden state, which the replay chains through.
+        self._keep_block_inputs(captured)
+        return logits
+
+    def _keep_block_inputs(self, captured: list[tuple[tuple, dict]]) -> None:
+        """Each block's own arguments but the hidden state, which the replay chains through from
+        the first block's."""
         self.calls = []
         for args, kwargs in captured:
             hidden_kw = "hidden_states" in kwargs
@@ -233,12 +246,16 @@ class CachedSuffix:
             self.calls.append((hidden_kw, args if hidden_kw else args[1:], kwargs))
             if len(self.calls) == 1:
                 self.hidden = hidden.detach()
-        expected = full.logits[self.read_rows, self.read_cols]
+
+    def _check_replay(self, logits: torch.Tensor, rtol: float) -> None:
+        """A replay with δ = 0 must give the model's own logits at the reads, or the fast path
+        is not used (:class:`ReplayMismatch`)."""
+        expected = logits[self.read_rows, self.read_cols]
         expected = expected.to(_work_dtype(expected.dtype))
         with torch.no_grad():
             got = self.logits(torch.zeros_like(self.target_init))
         err = float((got - expected).norm() / expected.norm().clamp_min(1e-12))
-        if not torch.isfinite(got).all() or err > check_rtol:
+        if not torch.isfinite(got).all() or err > rtol:
             raise ReplayMismatch(f"cached-suffix replay differs from the model's own logits by {err:.2e} (relative)")
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
@@ -288,36 +305,80 @@ def optimize_targets(lm: LoadedModel, requests: Sequence[EditRequest], groups: S
     return out
 
 
-def optimize_target(lm: LoadedModel, req: EditRequest, groups: Sequence[Sequence[str]], module: str,
-                    layer: int, hp, fast: bool = True, argmax_patience: int = 0, bf16: bool = False) -> TargetResult:
-    """:func:`optimize_targets` for one request."""
-    return optimize_targets(lm, [req], groups, module, layer, hp, fast, argmax_patience, bf16)[0]
+class Objective:
+    """Every request's loss from the logits at the problem's reads: the NLL of its targets (mean
+    over a row's target tokens, then over its rewriting rows), ``kl_factor`` times the KL of its
+    KL prompt's next-token distribution from the first step's, and δ's weight decay relative to
+    the unedited output's norm."""
+
+    def __init__(self, p: Problem, hp, init: torch.Tensor):
+        self.hp, self.n, self.n_t, self.n_rows = hp, p.n_requests, p.n_target_reads, len(p.ids)
+        self.device, self.dtype = init.device, init.dtype
+        read_rows = torch.tensor(p.read_rows, device=self.device)
+        owner = torch.tensor(p.owner, device=self.device)
+        self.targets = torch.tensor(p.targets, device=self.device)
+        self.row_of_read = read_rows[:self.n_t]
+        self.read_owner = owner[self.row_of_read]
+        self.row_tokens = self._zeros(self.n_rows).index_add_(0, self.row_of_read, self._ones(self.n_t))
+        self.rw_rows = torch.unique(self.row_of_read)
+        self.rw_owner = owner[self.rw_rows]
+        self.rw_per_req = self._zeros(self.n).index_add_(0, self.rw_owner, self._ones(len(self.rw_rows)))
+        self.kl_owner = owner[read_rows[self.n_t:]]
+        self.kl_per_req = self._zeros(self.n).index_add_(0, self.kl_owner, self._ones(len(self.kl_owner)))
+        self.init_norm = init.norm(dim=1)
+        self.kl_init: torch.Tensor | None = None  # the KL prompts' log-probabilities at the first call
+
+    def _zeros(self, k: int) -> torch.Tensor:
+        return torch.zeros(k, device=self.device, dtype=self.dtype)
+
+    def _ones(self, k: int) -> torch.Tensor:
+        return torch.ones(k, device=self.device, dtype=self.dtype)
+
+    def __call__(self, sel: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, nll, kl) per request for the logits ``sel`` read with ``delta``."""
+        nll, kl = self.nll(sel[:self.n_t]), self.kl(sel[self.n_t:])
+        wd = self.hp.v_weight_decay * delta.norm(dim=1) / self.init_norm ** 2
+        return nll + kl + wd, nll, kl
+
+    def nll(self, target_logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(target_logits, -1).gather(1, self.targets[:, None])[:, 0]
+        row_logp = self._zeros(self.n_rows).index_add(0, self.row_of_read, logp)
+        row_nll = -row_logp[self.rw_rows] / self.row_tokens[self.rw_rows]
+        return self._zeros(self.n).index_add(0, self.rw_owner, row_nll) / self.rw_per_req
+
+    def kl(self, kl_logits: torch.Tensor) -> torch.Tensor:
+        kl_logp = torch.log_softmax(kl_logits, -1)
+        if self.kl_init is None:
+            self.kl_init = kl_logp.detach().clone()
+        kl_rows = (kl_logp.exp() * (kl_logp - self.kl_init)).sum(-1)  # KL(current ‖ initial), as the reference
+        return self.hp.kl_factor * self._zeros(self.n).index_add(0, self.kl_owner, kl_rows) / self.kl_per_req
+
+    def targets_are_argmax(self, sel: torch.Tensor) -> torch.Tensor:
+        """Per request: whether every target token is the argmax where it is read."""
+        miss = (sel[:self.n_t].argmax(-1) != self.targets).float()
+        return torch.zeros(self.n, device=self.device).index_add_(0, self.read_owner, miss) == 0
+
+
+def clamp_norms(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale each row of δ whose norm exceeds its bound back onto the bound, in place."""
+    with torch.no_grad():
+        norm = delta.norm(dim=1)
+        over = norm > max_norm
+        delta[over] *= (max_norm[over] / norm[over])[:, None]
 
 
 def search_deltas(runner, p: Problem, hp, argmax_patience: int, bf16: bool, t0: float) -> list[TargetResult]:
     """Adam on every request's δ at once; a request whose loss is low enough (or whose targets
     stayed the argmax long enough) is frozen at that step's δ while the others go on."""
     init = runner.target_init
-    device, n = init.device, p.n_requests
-    n_t = p.n_target_reads
-    read_rows = torch.tensor(p.read_rows, device=device)
-    owner = torch.tensor(p.owner, device=device)
-    tgt = torch.tensor(p.targets, device=device)
-    # NLL: mean over a row's target tokens, then over the request's rewriting rows.
-    row_of_read = read_rows[:n_t]
-    row_tokens = torch.zeros(len(p.ids), device=device, dtype=init.dtype).index_add_(0, row_of_read, torch.ones(n_t, device=device, dtype=init.dtype))
-    rw_rows = torch.unique(row_of_read)
-    rw_per_req = torch.zeros(n, device=device, dtype=init.dtype).index_add_(0, owner[rw_rows], torch.ones(len(rw_rows), device=device, dtype=init.dtype))
-    kl_owner = owner[read_rows[n_t:]]
-    kl_per_req = torch.zeros(n, device=device, dtype=init.dtype).index_add_(0, kl_owner, torch.ones(len(kl_owner), device=device, dtype=init.dtype))
-    init_norm = init.norm(dim=1)
-
+    n = p.n_requests
+    objective = Objective(p, hp, init)
+    max_norm = hp.clamp_norm_factor * objective.init_norm
     delta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    kl_init = None
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    argmax_run = torch.zeros(n, dtype=torch.long, device=device)
+    autocast = torch.autocast(init.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    active = torch.ones(n, dtype=torch.bool, device=init.device)
+    argmax_run = torch.zeros(n, dtype=torch.long, device=init.device)  # consecutive steps with every target the argmax
     final = torch.zeros_like(init)
     infos: list[dict[str, float]] = [{} for _ in range(n)]
     for it in range(hp.v_steps):
@@ -325,38 +386,24 @@ def search_deltas(runner, p: Problem, hp, argmax_patience: int, bf16: bool, t0: 
         with autocast:
             sel = runner.logits(delta)
         sel = sel.to(init.dtype)
-        logp = torch.log_softmax(sel[:n_t], -1).gather(1, tgt[:, None])[:, 0]
-        row_logp = torch.zeros(len(p.ids), device=device, dtype=init.dtype).index_add(0, row_of_read, logp)
-        row_nll = -row_logp[rw_rows] / row_tokens[rw_rows]
-        nll = torch.zeros(n, device=device, dtype=init.dtype).index_add(0, owner[rw_rows], row_nll) / rw_per_req
-        kl_logp = torch.log_softmax(sel[n_t:], -1)
-        if kl_init is None:
-            kl_init = kl_logp.detach().clone()
-        kl_rows = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(current ‖ initial), as the reference
-        kl = hp.kl_factor * torch.zeros(n, device=device, dtype=init.dtype).index_add(0, kl_owner, kl_rows) / kl_per_req
-        wd = hp.v_weight_decay * delta.norm(dim=1) / init_norm ** 2
-        loss = nll + kl + wd
+        loss, nll, kl = objective(sel, delta)
         stop = loss.detach() < hp.early_stop_loss
         if argmax_patience > 0:
-            miss = (sel[:n_t].argmax(-1) != tgt).float()
-            hit = torch.zeros(n, device=device).index_add_(0, owner[row_of_read], miss) == 0
+            hit = objective.targets_are_argmax(sel)
             argmax_run = torch.where(hit, argmax_run + 1, torch.zeros_like(argmax_run))
             stop |= argmax_run >= argmax_patience
         if it == hp.v_steps - 1:
             stop[:] = True
         for r in torch.nonzero(active & stop).flatten().tolist():
             final[r] = delta.detach()[r]
-            infos[r] = {"v_loss": float(loss[r].detach()), "v_nll": float(nll[r].detach()), "v_kl": float(kl[r].detach()), "v_steps": it}
+            infos[r] = {"v_loss": float(loss[r].detach()), "v_nll": float(nll[r].detach()),
+                        "v_kl": float(kl[r].detach()), "v_steps": it}
         active &= ~stop
         if not active.any():
             break
         loss[active].sum().backward()
         opt.step()
-        with torch.no_grad():
-            max_norm = hp.clamp_norm_factor * init_norm
-            norm = delta.norm(dim=1)
-            over = norm > max_norm
-            delta[over] *= (max_norm[over] / norm[over])[:, None]
+        clamp_norms(delta, max_norm)
     elapsed = (time.perf_counter() - t0) / n  # a batch's wall time, shared among its requests
     fast = float(isinstance(runner, CachedSuffix))
     return [TargetResult(init[r].clone(), final[r].clone(), {**infos[r], "v_time_s": elapsed, "v_fast": fast})
