@@ -191,6 +191,15 @@ def test_train_command_checkpoints_resumes_and_runs_in_the_stream(data_root, tmp
     assert len(lines) >= 4
 
 
+
+def test_train_command_takes_the_reference_depth_for_a_model_without_a_row(data_root, tmp_path, cache_dir):
+    from editlab.mend.train import main
+
+    out = tmp_path / "editor"
+    assert main(["model=tiny-llama", "model.name=tiny-mystery", f"cache_dir={cache_dir}", f"mend.out_dir={out}",
+                 "mend.rank=4", "mend.steps=1", "mend.val_every=1", "mend.n_val=1", "mend.exclude_n_edits=20"]) == 0
+    assert json.loads((out / "config.json").read_text())["spec"]["layers"] == [1, 2, 3]  # gpt2-xl's 45-47 of 48
+
 @pytest.mark.parametrize("tiny", ["tiny-gpt2"], indirect=True)
 def test_locality_is_read_where_the_unrelated_answers_are_predicted(tiny):
     recs = records(3)
