@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from editlab.plots import parse_args
+from editlab.args import parse_args
 from editlab.results import FORGET_FRACTION, RunResult, downstream_changes, find_runs, load_run, value_at
 
 COLUMNS = (  # (key, header, format)
@@ -33,6 +33,7 @@ COLUMNS = (  # (key, header, format)
     ("failed", "Failed edits", "{:d}"),
 )
 ADAPTOR_SIZE = "method/codebook_size"  # GRACE: its "distance" is the codebook it grew
+USAGE = "editlab compare run_dir=DIR [run_dir=DIR ...] [at_edit=N] [window=50] [out=FILE.md]"
 
 
 def last_edit(run: RunResult) -> int:
@@ -80,12 +81,11 @@ def markdown(rows: list[dict[str, Any]], window: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv, {"run_dir": [], "at_edit": None, "window": "50", "out": None})
-    if not args["run_dir"]:
-        raise SystemExit("usage: editlab compare run_dir=DIR [run_dir=DIR ...] [at_edit=N] [window=50] [out=FILE.md]")
     try:
+        args = parse_args(argv, {"run_dir": [], "at_edit": None, "window": 50, "out": None}, required=("run_dir",),
+                          usage=USAGE)
         runs = [load_run(p) for p in find_runs(args["run_dir"])]
-        window = int(args["window"])
+        window = args["window"]
         at_edit = int(args["at_edit"]) if args["at_edit"] is not None else min(last_edit(r) for r in runs)
     except (FileNotFoundError, ValueError) as e:
         print(f"editlab compare: {e}", file=sys.stderr)

@@ -23,17 +23,18 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from editlab.args import parse_args
 from editlab.checkpoint import DELTA_FORMAT, committed_checkpoints, read_checkpoint
 from editlab.ledger import read_steps
 
 log = logging.getLogger(__name__)
 
+USAGE = "editlab export run_dir=DIR [at_edit=N] [undo=[i,j]] [format=delta|model] [device=D] [cache_dir=DIR] out=PATH"
 ARGS = {"run_dir": None, "out": None, "at_edit": None, "undo": [], "format": "delta", "device": None,
         "cache_dir": None}
 
@@ -141,27 +142,10 @@ def export(run_dir: str | Path, out: str | Path, at_edit: int | None = None, und
     return out
 
 
-def parse_args(argv: list[str]) -> dict[str, Any]:
-    try:
-        given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
-    except Exception as e:
-        raise ExportError(f"bad arguments {argv}: {e}") from e
-    unknown = sorted(set(given) - set(ARGS))
-    if unknown:
-        raise ExportError(f"unknown argument(s) {unknown}; known: {sorted(ARGS)}")
-    args = {**ARGS, **given}
-    for key in ("run_dir", "out"):
-        if not args[key]:
-            raise ExportError(f"{key}= is required: editlab export run_dir=DIR at_edit=N out=PATH")
-    if not isinstance(args["undo"], list):
-        args["undo"] = [args["undo"]]
-    return args
-
-
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
-        path = export(**parse_args(argv))
+        path = export(**parse_args(argv, ARGS, required=("run_dir", "out"), usage=USAGE))
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"editlab export: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from editlab.args import parse_args
 from editlab.results import (
     FORGET_PANELS, TABLE3_COLUMNS, RunResult, downstream_tasks, find_runs, load_run, rewrite_panels, table3, task_title,
 )
@@ -226,32 +227,11 @@ def render_html(index: dict[str, Any], out: Path) -> str:
             + "</body></html>\n")
 
 
-def parse_args(argv: list[str], allowed: dict[str, Any]) -> dict[str, Any]:
-    """Hydra-style ``key=value`` arguments; ``key=[a,b]`` is a list, and a list key may repeat
-    (its values then add up, replacing the default)."""
-    args: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in allowed.items()}
-    given: set[str] = set()
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in allowed:
-            raise SystemExit(f"unknown argument {a!r}; expected key=value with key one of {', '.join(allowed)}")
-        values = [v.strip() for v in value[1:-1].split(",") if v.strip()] if value.startswith("[") else [value]
-        if isinstance(allowed[key], list):
-            args[key] = (args[key] if key in given else []) + values
-            given.add(key)
-        elif isinstance(allowed[key], bool):
-            args[key] = value.lower() in ("1", "true", "yes")
-        else:
-            args[key] = value
-    return args
-
-
 def main(argv: list[str]) -> int:
-    args = parse_args(argv, {"run_dir": [], "out": None})
-    if not args["run_dir"]:
-        raise SystemExit("usage: editlab plot run_dir=DIR [run_dir=DIR ...] [out=DIR]")
-    out = args["out"] or (Path(args["run_dir"][0]) / "plots" if len(args["run_dir"]) == 1 else Path("plots"))
     try:
+        args = parse_args(argv, {"run_dir": [], "out": None}, required=("run_dir",),
+                          usage="editlab plot run_dir=DIR [run_dir=DIR ...] [out=DIR]")
+        out = args["out"] or (Path(args["run_dir"][0]) / "plots" if len(args["run_dir"]) == 1 else Path("plots"))
         index = plot_runs(args["run_dir"], out)
     except (FileNotFoundError, ValueError) as e:
         print(f"editlab plot: {e}", file=sys.stderr)

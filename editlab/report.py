@@ -11,9 +11,11 @@ server, so ``dry_run=true`` writes the specification to a JSON file with no acco
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from editlab.args import UsageError, parse_args
 from editlab.results import FORGET_PANELS, TABLE3_COLUMNS, rewrite_panels, task_title
 
 DEFAULT_TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -125,23 +127,34 @@ def models_in_project(entity: str, project: str, filters: dict[str, Any]) -> lis
     return sorted({r.config.get("model", {}).get("name") for r in runs} - {None})
 
 
-def main(argv: list[str]) -> int:
-    from editlab.plots import parse_args
+USAGE = ("editlab report entity=ENTITY [project=editlab] [models=[..]] [methods=[..]] [samples=[..]] [group=G] "
+         "[tags=[..]] [filter=EXPR] [tasks=[..]] [windows=[..]] [title=T] [dry_run=true out=FILE]")
 
+
+def options(argv: list[str]) -> dict[str, Any]:
+    """The command line's options; a :class:`UsageError` for one the command cannot run."""
     a = parse_args(argv, {"entity": None, "project": "editlab", "models": [], "methods": [], "samples": [],
                           "group": None, "tags": [], "filter": "", "tasks": list(DEFAULT_TASKS), "windows": [],
-                          "title": None, "dry_run": False, "out": None})
-    if not a["entity"]:
-        raise SystemExit("usage: editlab report entity=ENTITY [project=editlab] [models=[..]] [methods=[..]] "
-                         "[samples=[..]] [group=G] [tags=[..]] [filter=EXPR] [tasks=[..]] [dry_run=true out=FILE]")
-    models = a["models"]
-    if not models:
-        if a["dry_run"]:
-            raise SystemExit("editlab report: dry_run=true needs models=[...] (listing runs needs the server)")
-        models = models_in_project(a["entity"], a["project"], {"group": a["group"]} if a["group"] else {})
+                          "title": None, "dry_run": False, "out": None}, required=("entity",), usage=USAGE)
+    if a["dry_run"] and not a["models"]:
+        raise UsageError("dry_run=true needs models=[...] (listing runs needs the server)")
+    try:
+        a["windows"] = [int(w) for w in a["windows"]] or [5, 50]
+    except ValueError:
+        raise UsageError(f"windows={a['windows']}: expected integers") from None
+    return a
+
+
+def main(argv: list[str]) -> int:
+    try:
+        a = options(argv)
+    except UsageError as e:
+        print(f"editlab report: {e}", file=sys.stderr)
+        return 2
+    models = a["models"] or models_in_project(a["entity"], a["project"], {"group": a["group"]} if a["group"] else {})
     kw = {"title": a["title"]} if a["title"] else {}
     report = build_report(a["entity"], a["project"], models, a["methods"], a["samples"], a["group"], a["tags"],
-                          a["filter"], a["tasks"], [int(w) for w in a["windows"]] or (5, 50), **kw)
+                          a["filter"], a["tasks"], a["windows"], **kw)
     if a["dry_run"]:
         out = Path(a["out"] or "report_spec.json")
         out.write_text(json.dumps(report_spec(report), indent=2))
@@ -150,4 +163,3 @@ def main(argv: list[str]) -> int:
     report.save()
     print(f"editlab report: {report.url}")
     return 0
-

@@ -54,3 +54,12 @@ def test_cli_table_over_a_sweep_defaults_to_the_shortest_run(tmp_path, capsys):
 def test_cli_names_a_missing_run_dir(tmp_path, capsys):
     assert compare_main([f"run_dir={tmp_path / 'nope'}"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_parsing_the_arguments_does_not_import_matplotlib():
+    """matplotlib is for drawing: ``editlab compare`` (and ``report``) never draw."""
+    import subprocess
+    import sys
+
+    code = "import sys, editlab.compare, editlab.report; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -128,6 +128,7 @@ def test_cli_writes_delta_file_and_full_model(tmp_path, data_root, monkeypatch, 
     assert json.loads((tmp_path / "model" / "editlab_export.json").read_text())["at_edit"] == 4
 
     assert main([f"run_dir={run_dir}", "out=x", "edit=3"]) == 2
-    assert "unknown argument(s) ['edit']" in capsys.readouterr().err
+    assert "unknown argument 'edit'" in capsys.readouterr().err
     assert main([f"run_dir={run_dir}"]) == 2
+    assert "missing out=" in capsys.readouterr().err
     assert main([f"run_dir={run_dir}", "out=x", "format=gguf"]) == 2

@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from editlab.args import UsageError, key_values
 from editlab.data.requests import EditRequest
 from editlab.evaluate.scoring import (
     Encoded, encode, mean_per_pair, target_logits, target_logprobs, teacher_forced_nll,
@@ -277,16 +278,15 @@ def train(lm: LoadedModel, model_name: str, cfg: TrainConfig, layers: Sequence[i
 
 
 def parse_args(argv: Sequence[str]) -> tuple[list[str], TrainConfig]:
-    """``mend.<key>=<value>`` go to :class:`TrainConfig`; everything else is a Hydra override."""
-    mend = [a[len("mend."):] for a in argv if a.startswith("mend.")]
-    overrides = [a for a in argv if not a.startswith("mend.")]
-    for a in [*overrides, *mend]:
-        if "=" not in a:
-            raise ValueError(f"expected key=value, got {a!r}")
+    """``mend.<key>=<value>`` go to :class:`TrainConfig` (OmegaConf reads them by its field types:
+    optional lists and numbers); everything else is a Hydra override of the run config."""
+    pairs = key_values(argv)
+    mend = [f"{k[len('mend.'):]}={v}" for k, v in pairs if k.startswith("mend.")]
+    overrides = [f"{k}={v}" for k, v in pairs if not k.startswith("mend.")]
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(mend)))
     except Exception as e:  # an unknown mend.* key or a bad value
-        raise ValueError(f"bad mend.* argument: {e}") from e
+        raise UsageError(f"bad mend.* argument: {e}") from e
     return overrides, cfg
 
 
