@@ -26,8 +26,13 @@ def compose(*overrides: str):
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
+    """The data tests run on; missing, they skip locally but fail in CI, where a skip would pass
+    a run that tested nothing."""
     if not (DATA / "counterfact").exists():
-        pytest.skip(f"no data at {DATA} (set EDITLAB_DATA)")
+        message = f"no data at {DATA}: set EDITLAB_DATA to the directory that holds counterfact/"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"{message} (CI={os.environ['CI']}: missing data is an error, not a skip)")
+        pytest.skip(message)
     return DATA
 
 
