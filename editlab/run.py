@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     tags = [f"method:{cfg.method.name}", f"model:{cfg.model.name}", f"sample:{cfg.sample.index}"]
     name = f"{cfg.method.name}-{cfg.model.name}-s{cfg.sample.index}"
-    tracker = build_tracker(cfg.tracker, run_dir, resolved, name, tags)
+    tracker = build_tracker(cfg.tracker, run_dir, resolved, name, tags, cfg.eval.windows)
 
     ledger = DeltaLedger(lm.model, max_delta_norm=cfg.stream.max_delta_norm, journal=ckpts.journal)
     evaluator = Evaluator(cfg.eval, lm, ledger, requests, glue_dir=ctx.data_root / cfg.data.glue)

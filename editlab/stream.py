@@ -69,6 +69,7 @@ class EditStream:
         n = len(self.requests)
         if self.state.n_done == 0:
             self.tracker.log(self.evaluator.baseline(), 0)
+        windowed_es = f"window{max(self.evaluator.windows, default=0)}/es"  # the widest window's mean
         bar = tqdm(total=n, initial=self.state.n_done, desc=f"{self.editor.name} edits", unit="edit",
                    disable=not self.progress, dynamic_ncols=True)
         with bar:
@@ -83,7 +84,7 @@ class EditStream:
                     cb(self)
                 bar.update(len(batch))
                 if "edit/es" in metrics:
-                    bar.set_postfix(es=f"{metrics.get('window50/es', metrics['edit/es']):.2f}")
+                    bar.set_postfix(es=f"{metrics.get(windowed_es, metrics['edit/es']):.2f}")
         return self.state
 
     def step(self, batch: Sequence[EditRequest], prev: int, now: int) -> dict[str, Any]:

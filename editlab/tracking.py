@@ -12,13 +12,19 @@ import os
 import secrets
 import string
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-# Metric namespaces; each becomes a W&B panel section plotted against ``edit``.
-NAMESPACES = ("edit", "window5", "window50", "forget", "downstream", "distance", "time", "method", "collapse")
+# Metric namespaces; each becomes a W&B panel section plotted against ``edit``, as does a
+# ``window<w>`` per configured ``eval.windows`` entry (see :func:`namespaces`).
+NAMESPACES = ("edit", "forget", "downstream", "distance", "time", "method", "collapse")
 RUN_ID_FILE = "wandb_run_id"
+
+
+def namespaces(windows: Sequence[int]) -> tuple[str, ...]:
+    """Every namespace a run logs, its windowed means named after the windows it was configured with."""
+    return (*NAMESPACES, *(f"window{w}" for w in windows))
 
 
 def _clean(v: Any) -> Any:
@@ -97,7 +103,7 @@ def sweep_group() -> str | None:
 class WandbTracker:
     """One W&B run per edit stream; its id is kept in the run dir so a resumed job continues it."""
 
-    def __init__(self, cfg, run_dir: Path, config: dict, name: str, tags: list[str]):
+    def __init__(self, cfg, run_dir: Path, config: dict, name: str, tags: list[str], windows: Sequence[int]):
         import wandb
 
         self.wandb = wandb
@@ -130,7 +136,7 @@ class WandbTracker:
             self.mode = "offline"
             self.run = wandb.init(mode=self.mode, **kwargs)
         self.run.define_metric("edit")
-        for ns in NAMESPACES:
+        for ns in namespaces(windows):
             self.run.define_metric(f"{ns}/*", step_metric="edit")
 
     def log(self, metrics: Mapping[str, Any], edit: int) -> None:
@@ -175,10 +181,11 @@ class Trackers:
             t.finish()
 
 
-def build_tracker(cfg, run_dir: Path, config: dict, name: str, tags: list[str]) -> Trackers:
+def build_tracker(cfg, run_dir: Path, config: dict, name: str, tags: list[str], windows: Sequence[int]) -> Trackers:
+    """``windows``: the run's ``eval.windows``, whose ``window<w>/`` metrics W&B plots against ``edit``."""
     trackers: list = [JsonlTracker(run_dir)]
     if cfg.name == "wandb" and wandb_mode(cfg.mode) != "disabled":
-        trackers.append(WandbTracker(cfg, run_dir, config, name, tags))
+        trackers.append(WandbTracker(cfg, run_dir, config, name, tags, windows))
     elif cfg.name not in ("wandb", "none"):
         raise ValueError(f"tracker.name={cfg.name!r} is not one of wandb, none")
     return Trackers(trackers)

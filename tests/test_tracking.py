@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from editlab.config import TrackerConfig
-from editlab.tracking import NAMESPACES, RUN_ID_FILE, WandbTracker, build_tracker, sweep_group, wandb_mode
+from editlab.tracking import RUN_ID_FILE, WandbTracker, build_tracker, namespaces, sweep_group, wandb_mode
 
 
 def read_wandb_file(path: Path) -> list:
@@ -70,10 +70,10 @@ def test_offline_run_round_trip(tmp_path):
     run_dir = tmp_path / "run"
     config = {"method": {"name": "rome"}, "model": {"name": "tiny-gpt2"}, "sample": {"index": 3}}
     t = build_tracker(tracker_cfg(group="g1", tags=["extra"]), run_dir, config, "rome-tiny-gpt2-s3",
-                      ["method:rome", "model:tiny-gpt2", "sample:3"])
+                      ["method:rome", "model:tiny-gpt2", "sample:3"], windows=[3, 7])
     t.log({"distance/mean": 0.0}, 0)
     for e in (1, 2, 3):
-        t.log({"edit/es": 1.0, "window5/es": 0.5, "window50/es": 0.25, "forget/frac": 0.1,
+        t.log({"edit/es": 1.0, "window3/es": 0.5, "window7/es": 0.25, "forget/frac": 0.1,
                "downstream/sst2/f1_gen": 0.6, "distance/relative/layers.1.mlp": 1e-3, "time/edit_s": 0.1,
                "method/loss": 2.0, "edit/nan": float("nan")}, e)
     ckpt = run_dir / "checkpoints" / "ckpt-0000003"
@@ -94,13 +94,14 @@ def test_offline_run_round_trip(tmp_path):
 
     metrics = {m.glob_name or m.name: m for m in by_type(recs, "metric")}
     assert "edit" in metrics
-    for ns in NAMESPACES:
+    for ns in namespaces([3, 7]):
         assert metrics[f"{ns}/*"].step_metric == "edit"
+    assert {"window3/*", "window7/*"} <= metrics.keys() and "window50/*" not in metrics  # the configured windows
 
     history = [{i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json) for i in h.item}
                for h in by_type(recs, "history")]
     assert [h["edit"] for h in history] == [0, 1, 2, 3]
-    assert history[2]["window50/es"] == 0.25 and history[3]["downstream/sst2/f1_gen"] == 0.6
+    assert history[2]["window7/es"] == 0.25 and history[3]["downstream/sst2/f1_gen"] == 0.6
     assert all("edit/nan" not in h for h in history)  # NaN is dropped, not sent
 
     summary = {}
@@ -119,7 +120,7 @@ def test_offline_run_round_trip(tmp_path):
 def test_resumed_run_keeps_its_id(tmp_path):
     ids = []
     for _ in range(2):
-        t = WandbTracker(tracker_cfg(), tmp_path, {}, "r", [])
+        t = WandbTracker(tracker_cfg(), tmp_path, {}, "r", [], [5, 50])
         ids.append(t.run.id)
         t.log({"edit/es": 1.0}, len(ids))
         t.finish()
@@ -131,13 +132,13 @@ def test_resumed_run_keeps_its_id(tmp_path):
 def test_no_wandb_files_unless_asked(tmp_path):
     for name, mode in (("none", None), ("wandb", "disabled")):
         cfg = OmegaConf.structured(TrackerConfig(name=name, mode=mode))
-        t = build_tracker(cfg, tmp_path / name, {}, "r", [])
+        t = build_tracker(cfg, tmp_path / name, {}, "r", [], [5, 50])
         t.log({"edit/es": 1.0}, 1)
         t.log_checkpoint(tmp_path, 1)
         t.finish()
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["metrics.jsonl"]
     with pytest.raises(ValueError, match="tracker.name='tensorboard'"):
-        build_tracker(OmegaConf.structured(TrackerConfig(name="tensorboard")), tmp_path, {}, "r", [])
+        build_tracker(OmegaConf.structured(TrackerConfig(name="tensorboard")), tmp_path, {}, "r", [], [5, 50])
 
 
 def test_mode_follows_credentials(monkeypatch, tmp_path):
@@ -168,7 +169,7 @@ def test_online_failure_falls_back_to_offline(monkeypatch, tmp_path):
         return real_init(mode=mode, **kw)
 
     monkeypatch.setattr(wandb, "init", init)
-    t = WandbTracker(OmegaConf.structured(TrackerConfig(name="wandb", mode="online")), tmp_path, {}, "r", [])
+    t = WandbTracker(OmegaConf.structured(TrackerConfig(name="wandb", mode="online")), tmp_path, {}, "r", [], [5, 50])
     t.finish()
     assert modes == ["online", "offline"] and t.mode == "offline" and run_files(tmp_path)
 
