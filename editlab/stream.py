@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import DeltaLedger
@@ -23,6 +25,14 @@ from editlab.methods.base import Editor
 from editlab.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+def console_loggers() -> list[logging.Logger]:
+    """The loggers that print to the terminal themselves: the root (Hydra's console handler) and
+    libraries with a handler of their own that does not propagate (transformers)."""
+    loggers = [logging.root, *(l for l in logging.root.manager.loggerDict.values() if isinstance(l, logging.Logger))]
+    return [l for l in loggers if any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                                      for h in l.handlers)]
 
 
 @dataclass
@@ -72,7 +82,9 @@ class EditStream:
         windowed_es = f"window{max(self.evaluator.windows, default=0)}/es"  # the widest window's mean
         bar = tqdm(total=n, initial=self.state.n_done, desc=f"{self.editor.name} edits", unit="edit",
                    disable=not self.progress, dynamic_ncols=True)
-        with bar:
+        # While the bar is drawn, log lines go through tqdm.write, above the bar instead of into it.
+        logs_above = logging_redirect_tqdm(console_loggers(), tqdm_class=tqdm) if self.progress else nullcontext()
+        with bar, logs_above:
             while self.state.n_done < n:
                 prev = self.state.n_done
                 batch = self.requests[prev: prev + self.batch_size]

@@ -56,3 +56,46 @@ def test_run_in_process_with_batched_steps(tmp_path, data_root):
     assert sorted(edits) == [0, 2, 4]  # one record per step of two edits
     for n in (2, 4):
         assert {"edit/es", "window5/es", "window50/es", "time/edit_s"} <= set(edits[n])
+
+
+class Quiet:
+    """Editor, evaluator, ledger and tracker at once, doing nothing: the test is about the terminal."""
+
+    name = "quiet"
+    windows: dict = {}
+
+    def apply(self, *args, **kwargs):
+        from editlab.deltas import Delta
+
+        return Delta()
+
+    def baseline(self):
+        return {}
+
+    def after_step(self, *args):
+        return {}, None
+
+    def log(self, *args):
+        pass
+
+
+def test_log_lines_print_above_the_progress_bar(capsys):
+    import logging
+
+    from editlab.stream import EditStream
+
+    console = logging.StreamHandler(sys.stderr)  # as Hydra's console handler
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    try:
+        stream = EditStream(None, Quiet(), [None] * 3, Quiet(), Quiet(), Quiet(), progress=True)
+        stream.on_step.append(lambda s: logging.getLogger("editlab.checkpoint").info("checkpoint saved"))
+        stream.run()
+    finally:
+        root.removeHandler(console)
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("checkpoint saved") == 3 and "quiet edits" in err
+    for before in err.split("checkpoint saved")[:-1]:  # each line starts clear of the bar
+        assert before.replace("\r", "\n").rsplit("\n", 1)[-1].strip() == "", repr(before[-120:])
