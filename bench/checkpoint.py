@@ -1,7 +1,7 @@
 """Checkpoint size per 1000 edits, checkpoint write time and resume time (issue 5).
 
 What is stored depends only on shapes, not values, so each stream applies synthetic deltas of a
-method's shape through the real code path (DeltaLedger -> EditLedger -> Checkpointer, every 50
+method's shape through the real code path (WeightWriter -> DeltaJournal -> Checkpointer, every 50
 edits, keep 2): ROME-shaped (one pair of vectors per edit, returned as factors) and FT-C-shaped
 (one dense matrix per edit, no factors).  SmolLM2-135M is the real model (layer 10 down_proj,
 576 x 1536); gpt2-xl is its edited matrix only (layer 17 c_proj, 6400 x 1600), enough to measure
@@ -21,7 +21,7 @@ from torch import nn
 
 from editlab.checkpoint import Checkpointer
 from editlab.config import CheckpointConfig
-from editlab.deltas import Delta, DeltaLedger
+from editlab.deltas import Delta, WeightWriter
 from editlab.stream import StreamState
 
 GPT2_XL_PARAMS = 1_557_611_200  # gpt2-xl, all parameters
@@ -58,13 +58,13 @@ def stream(model: nn.Module, name: str, kind: str, n: int, dense_ledger: bool, r
     cfg = CheckpointConfig(every=EVERY, keep=2, ledger=True, dense_ledger=dense_ledger)
     ckpts = Checkpointer(root, cfg, {"bench": kind}, model_id="bench")
     ckpts.start("auto")
-    ledger = DeltaLedger(model, journal=ckpts.journal)
-    s = SimpleNamespace(state=StreamState(), editor=NoState(), evaluator=NoState(), ledger=ledger,
+    weights = WeightWriter(model, journal=ckpts.journal)
+    s = SimpleNamespace(state=StreamState(), editor=NoState(), evaluator=NoState(), weights=weights,
                         tracker=NoTracker(), requests=[None] * n)
     g = torch.Generator().manual_seed(0)
     writes = []
     for i in range(1, n + 1):
-        ledger.apply(synthetic_delta(name, shape, kind, g), span=(i, i))
+        weights.apply(synthetic_delta(name, shape, kind, g), span=(i, i))
         s.state.n_done = i
         t0, before = time.perf_counter(), ckpts.last_edit
         ckpts.on_step(s)
@@ -72,17 +72,17 @@ def stream(model: nn.Module, name: str, kind: str, n: int, dense_ledger: bool, r
             writes.append(time.perf_counter() - t0)
     one_ckpt = du(root / "checkpoints" / f"ckpt-{n:07d}")
     ledger_bytes = du(root / "ledger")
-    want = {k: v.clone() for k, v in ledger.cumulative.items()}
+    want = {k: v.clone() for k, v in weights.cumulative.items()}
 
-    ledger.reset()  # back to base weights, as a fresh process would find them
+    weights.reset()  # back to base weights, as a fresh process would find them
     t0 = time.perf_counter()
     again = Checkpointer(root, cfg, {"bench": kind}, model_id="bench")
     ck = again.start("auto")
-    s2 = SimpleNamespace(state=StreamState(), editor=NoState(), evaluator=NoState(), ledger=DeltaLedger(model))
+    s2 = SimpleNamespace(state=StreamState(), editor=NoState(), evaluator=NoState(), weights=WeightWriter(model))
     again.restore(ck, s2)
     resume_s = time.perf_counter() - t0
-    assert all(torch.equal(s2.ledger.cumulative[k], want[k]) for k in want)
-    s2.ledger.reset()
+    assert all(torch.equal(s2.weights.cumulative[k], want[k]) for k in want)
+    s2.weights.reset()
     return {"one_ckpt_MB": one_ckpt / 1e6, "ledger_MB_per_1000": ledger_bytes / 1e6 * 1000 / n,
             "write_s": sum(writes) / len(writes), "resume_s": resume_s, "n": n}
 

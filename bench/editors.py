@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from editlab.cli import CONF_DIR, normalize_overrides
 from editlab.compose import register_configs
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests
 from editlab.methods import METHODS, EditorContext, build_editor
 from editlab.models import load_model
@@ -46,17 +46,17 @@ def bench_method(lm, method: str, n_edits: int, tokens: int, templates: str | No
     t0 = time.perf_counter()
     editor.prepare(lm, requests)
     t_prep = time.perf_counter() - t0
-    ledger = DeltaLedger(lm.model)
+    weights = WeightWriter(lm.model)
     times, es = [], []
     try:
         for r in requests:
             t0 = time.perf_counter()
             delta = editor.apply(lm, [r])
             times.append(time.perf_counter() - t0)
-            ledger.apply(delta)
+            weights.apply(delta)
             es.append(score_requests(lm.model, lm.tok, [r], neighborhood=False)[0]["es"])
     finally:
-        ledger.reset()
+        weights.reset()
         if hasattr(editor, "close"):
             editor.close()
     print(f"[{method}] {' '.join(extra) or 'defaults'}: prepare {t_prep:.1f}s; {len(times)} edits: "

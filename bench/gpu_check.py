@@ -42,7 +42,7 @@ from hydra import compose, initialize_config_dir
 from editlab.cli import CONF_DIR, normalize_overrides
 from editlab.compose import register_configs
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests
 from editlab.methods import METHODS, EditorContext, build_editor
 from editlab.methods.templates import generate_templates
@@ -102,20 +102,20 @@ def run_edits(lm: LoadedModel, cfg, requests, cache_dir: Path, templates=None) -
     if hasattr(editor, "templates"):
         out.templates = generate_templates(lm.model, lm.tok, editor.hp.context_templates, seed=cfg.seed)
         editor.templates = templates or out.templates
-    ledger = DeltaLedger(lm.model)
+    weights = WeightWriter(lm.model)
     t0 = time.perf_counter()
     try:
         editor.prepare(lm, requests)
         for r in requests:
             delta = editor.apply(lm, [r])
-            ledger.apply(delta)
+            weights.apply(delta)
             out.deltas.append({n: d.detach().float().cpu() for n, d in delta.params.items()})
             out.es.append(score_requests(lm.model, lm.tok, [r], paraphrase=False, neighborhood=False)[0]["es"])
         out.state = _flat_tensors(editor.state_dict())
         if getattr(editor, "uses_stats", False):
             out.stats = {l: m.float().cpu() for l, m in editor.stats.moments.items()}
     finally:
-        ledger.reset()
+        weights.reset()
         if hasattr(editor, "close"):
             editor.close()
     out.seconds = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 Each request of sample ``--sample``'s first ``--edits`` (never trained on: ``editlab train-mend``
 excludes every record a sample order evaluates) is applied *alone* to the unedited model through
-the editor and the ledger, scored (ES/PS/NS, as the stream scores a new edit) and undone.
+the editor and the WeightWriter, scored (ES/PS/NS, as the stream scores a new edit) and undone.
 
 ``python -m bench.mend [--editor DIR] [--edits N] [--sample K]``
 (``python -m bench mend`` uses the defaults: the editor of ``make mend-smollm2``).
@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from editlab.cli import CONF_DIR, normalize_overrides
 from editlab.compose import register_configs
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     requests = build_requests(cfg.data, cfg.sample)
     lm = load_model(cfg.model, cfg.cache_dir)
     editor.prepare(lm, requests)
-    ledger = DeltaLedger(lm.model)
+    weights = WeightWriter(lm.model)
     before = score_requests(lm.model, lm.tok, requests)
     after, times, norms = [], [], []
     for r in requests:
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         delta = editor.apply(lm, [r])
         times.append(time.perf_counter() - t)
         norms.append(sum(float(d.norm()) ** 2 for d in delta.params.values()) ** 0.5)
-        ledger.apply(delta)
+        weights.apply(delta)
         after += score_requests(lm.model, lm.tok, [r])
-        ledger.reset()
+        weights.reset()
     print(f"editor {editor.hp.editor_path} (sha256 {editor.hp.editor_sha256[:12]}), "
           f"sample {args.sample}, {len(requests)} single edits on the unedited model")
     for key in ("es", "ps", "ns"):

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from editlab.cli import CONF_DIR, normalize_overrides
 from editlab.compose import register_configs
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
@@ -75,11 +75,11 @@ def bench_method(method: str, n_edits: int, tokens: int, batch: int) -> None:
 
     # Sequential stream with the fast path: per-edit breakdown.
     editor.fast = True
-    ledger = DeltaLedger(lm.model)
+    weights = WeightWriter(lm.model)
     rows = []
     for r in requests[:n_edits]:
         delta, t_edit = _timed(editor.apply, lm, [r])
-        _, t_apply = _timed(ledger.apply, delta)
+        _, t_apply = _timed(weights.apply, delta)
         scores, t_eval = _timed(score_requests, lm.model, lm.tok, [r])
         rows.append((t_edit, delta.info["v_time_s"], t_apply, t_eval, scores[0]["es"]))
     n = len(rows)

@@ -16,7 +16,7 @@ from editlab.cli import CONF_DIR, normalize_overrides
 from editlab.compose import register_configs
 from editlab.data import build_requests
 from editlab.data.text import corpus_texts
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = Path(cfg.cache_dir).expanduser()
     lm = load_model(cfg.model, cache)
     requests = build_requests(cfg.data, cfg.sample)[: args.edits]
-    ledger = DeltaLedger(lm.model)
+    weights = WeightWriter(lm.model)
     print("layer  ES    PS    NS    NS(before)  s/edit")
     for layer in layers:
         cfg.method.layers = [layer]
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         before = score_requests(lm.model, lm.tok, requests)
         after, t0 = [], time.perf_counter()
         for r in requests:
-            ledger.apply(editor.apply(lm, [r]))
+            weights.apply(editor.apply(lm, [r]))
             after.append(score_requests(lm.model, lm.tok, [r])[0])
-            ledger.reset()
+            weights.reset()
         dt = (time.perf_counter() - t0) / len(requests)
         mean = {k: sum(a[k] for a in after) / len(after) for k in ("es", "ps", "ns")}
         ns0 = sum(b["ns"] for b in before) / len(before)

@@ -10,7 +10,7 @@ Layout inside a run dir::
         state.json                     everything else: stream cursor, failed edits, JSON leaves of
                                        those state_dicts, metrics.jsonl length, W&B run id, the
                                        hashed config, and a checksum manifest of the two files
-    ledger/steps-*.safetensors         per-step deltas (:mod:`editlab.ledger`), one shard per checkpoint
+    ledger/steps-*.safetensors         per-step deltas (:mod:`editlab.journal`), one shard per checkpoint
 
 A checkpoint is written into a hidden temporary directory, fsynced, renamed into place, and only
 then named by ``LATEST``: a kill or a full disk at any moment leaves the previous checkpoint the
@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from editlab.errors import CheckpointError, CheckpointRefused, CorruptCheckpoint
 from editlab.evaluate.schedule import due
-from editlab.ledger import EditLedger
+from editlab.journal import DeltaJournal
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Checkpointer:
         self.config = hashed_config(resolved)
         self.hash = config_hash(self.config)
         self.model_id = model_id
-        self.journal = EditLedger(self.run_dir / "ledger", dense=cfg.dense_ledger) if cfg.ledger else None
+        self.journal = DeltaJournal(self.run_dir / "ledger", dense=cfg.dense_ledger) if cfg.ledger else None
         self.last_edit = 0  # edit of the newest checkpoint written or resumed from
         self._prev = 0  # the cursor at the previous step
 
@@ -353,7 +353,7 @@ class Checkpointer:
 
     def restore(self, ck: Checkpoint, stream) -> None:
         """Load a checkpoint into a stream whose model is still unedited (after ``Editor.prepare``)."""
-        stream.ledger.restore(ck.deltas)
+        stream.weights.restore(ck.deltas)
         stream.editor.load_state_dict(ck.state["editor"])
         stream.evaluator.load_state_dict(ck.state["evaluator"])
         stream.state.load_state_dict(ck.state["stream"])
@@ -407,7 +407,7 @@ class Checkpointer:
         evaluator, t_eval = split_tensors(stream.evaluator.state_dict(), "evaluator")
         rng, t_rng = split_tensors(rng_state(), "rng")
         meta = {"format": DELTA_FORMAT, "edit": str(edit), "config_hash": self.hash, "model_id": self.model_id}
-        deltas = {n: c.detach().to("cpu", copy=True).contiguous() for n, c in stream.ledger.cumulative.items()}
+        deltas = {n: c.detach().to("cpu", copy=True).contiguous() for n, c in stream.weights.cumulative.items()}
         save_file(deltas, str(tmp / "deltas.safetensors"), metadata=meta)
         save_file({**t_editor, **t_eval, **t_rng}, str(tmp / "state.safetensors"))
         if self.metrics_path.exists():

@@ -1,8 +1,8 @@
-"""The one place weights change: a ledger of cumulative deltas over the base weights.
+"""The one place weights change: :class:`WeightWriter`, cumulative deltas over the base weights.
 
 Edited parameters always hold exactly ``base + cumulative`` (not a running sum of in-place adds),
 so restoring ``cumulative`` from a checkpoint reproduces the weights bit for bit.  Given a
-``journal`` (:class:`editlab.ledger.EditLedger`), every step applied with its ``span`` is also
+``journal`` (:class:`editlab.journal.DeltaJournal`), every step applied with its ``span`` is also
 recorded there on its own, so the model after any edit can be rebuilt.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from editlab.errors import BadEdit
-from editlab.ledger import as_column
+from editlab.journal import as_column
 
 # A step's factors must reproduce its dense delta to this relative Frobenius error: loose enough
 # for a method that forms the product in bf16, tight enough to catch a wrong or transposed factor.
@@ -25,7 +25,7 @@ class Delta:
     """An additive change to named parameters, in each parameter's own layout.
 
     ``factors[name]`` optionally holds low-rank pieces ``[(a, b), ...]`` with
-    ``params[name] == sum(a @ b.T)``; the ledger keeps them so any edit index can be rebuilt.
+    ``params[name] == sum(a @ b.T)``; the journal keeps them so any edit index can be rebuilt.
     """
 
     params: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -33,7 +33,9 @@ class Delta:
     info: dict[str, float] = field(default_factory=dict)  # method diagnostics, logged under method/
 
 
-class DeltaLedger:
+class WeightWriter:
+    """Checks each delta and writes ``base + cumulative`` into the model; also resets and restores."""
+
     def __init__(self, model: nn.Module, max_delta_norm: float = math.inf, journal=None):
         self.model = model
         self.max_delta_norm = max_delta_norm
@@ -62,7 +64,7 @@ class DeltaLedger:
 
     @staticmethod
     def check_factors(delta: Delta, name: str, pairs) -> None:
-        """The ledger rebuilds from factors, so they must be the delta the stream applied."""
+        """The journal rebuilds from factors, so they must be the delta the stream applied."""
         if name not in delta.params:
             raise BadEdit(f"factors given for {name} but no delta")
         d = delta.params[name].float()

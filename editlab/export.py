@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from editlab.args import parse_args
 from editlab.checkpoint import DELTA_FORMAT, committed_checkpoints, read_checkpoint
-from editlab.ledger import read_steps
+from editlab.journal import read_steps
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def export(run_dir: str | Path, out: str | Path, at_edit: int | None = None, und
                                                    for k, v in meta.items()}})
         return out
 
-    from editlab.deltas import DeltaLedger
+    from editlab.deltas import WeightWriter
     from editlab.models import load_model
 
     config = json.loads((Path(run_dir) / "config.json").read_text())
@@ -134,7 +134,7 @@ def export(run_dir: str | Path, out: str | Path, at_edit: int | None = None, und
     if lm.model_id != meta["model_id"]:
         raise ExportError(f"{run_dir}/config.json loads base model {lm.model_id!r} but the checkpoints were "
                           f"written over {meta['model_id']!r}")
-    DeltaLedger(lm.model).restore(cum)
+    WeightWriter(lm.model).restore(cum)
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(out, safe_serialization=True)
     lm.tok.save_pretrained(out)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editlab.checkpoint import Checkpointer
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.errors import StreamStopped
 from editlab.evaluate.evaluator import Evaluator
 from editlab.methods import EditorContext, build_editor
@@ -59,9 +59,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     name = f"{cfg.method.name}-{cfg.model.name}-s{cfg.sample.index}"
     tracker = build_tracker(cfg.tracker, run_dir, resolved, name, tags, cfg.eval.windows)
 
-    ledger = DeltaLedger(lm.model, max_delta_norm=cfg.stream.max_delta_norm, journal=ckpts.journal)
-    evaluator = Evaluator(cfg.eval, lm, ledger, requests, glue_dir=ctx.data_root / cfg.data.glue)
-    stream = EditStream(lm, editor, requests, evaluator, tracker, ledger,
+    weights = WeightWriter(lm.model, max_delta_norm=cfg.stream.max_delta_norm, journal=ckpts.journal)
+    evaluator = Evaluator(cfg.eval, lm, weights, requests, glue_dir=ctx.data_root / cfg.data.glue)
+    stream = EditStream(lm, editor, requests, evaluator, tracker, weights,
                         batch_size=cfg.sample.batch_size, on_bad_edit=cfg.stream.on_bad_edit,
                         progress=cfg.stream.progress)
     if resume_from is not None:

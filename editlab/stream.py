@@ -1,7 +1,7 @@
-"""The edit stream: for each step, edit → apply through the ledger → evaluate → log.
+"""The edit stream: for each step, edit → apply through the weight writer → evaluate → log.
 
 The stream knows nothing of any method's maths: it hands a step's requests to the editor,
-applies the returned delta through the :class:`DeltaLedger`, and lets the evaluator decide
+applies the returned delta through the :class:`WeightWriter`, and lets the evaluator decide
 what is due.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from editlab.data.requests import EditRequest
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.errors import BadEdit, EditFailed, StreamStopped
 from editlab.evaluate.evaluator import Evaluator
 from editlab.methods.base import Editor
@@ -59,7 +59,7 @@ class EditStream:
         requests: Sequence[EditRequest],
         evaluator: Evaluator,
         tracker,
-        ledger: DeltaLedger,
+        weights: WeightWriter,
         batch_size: int = 1,
         on_bad_edit: str = "skip",
         progress: bool | None = None,
@@ -69,7 +69,7 @@ class EditStream:
         if batch_size < 1:
             raise ValueError(f"sample.batch_size must be >= 1, got {batch_size}")
         self.lm, self.editor, self.requests = lm, editor, list(requests)
-        self.evaluator, self.tracker, self.ledger = evaluator, tracker, ledger
+        self.evaluator, self.tracker, self.weights = evaluator, tracker, weights
         self.batch_size, self.on_bad_edit = batch_size, on_bad_edit
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.state = StreamState()
@@ -104,7 +104,7 @@ class EditStream:
         metrics: dict[str, Any] = {}
         try:
             delta = self.editor.apply(self.lm, batch)
-            self.ledger.apply(delta, span=(prev + 1, now))
+            self.weights.apply(delta, span=(prev + 1, now))
             metrics.update({f"method/{k}": v for k, v in delta.info.items()})
             metrics["edit/failed"] = 0
         # A singular solve mid-stream is a failed edit of that request, not the end of the run.

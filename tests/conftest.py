@@ -64,19 +64,19 @@ def sequential_efficacy(lm, cfg, n: int, cache_dir: Path, data_root: Path) -> li
     """ES of each of the first ``n`` edits of ``cfg``'s sample, scored right after it was applied
     in sequence by ``cfg``'s method; the model's weights are restored afterwards."""
     from editlab.data import build_requests
-    from editlab.deltas import DeltaLedger
+    from editlab.deltas import WeightWriter
     from editlab.evaluate.rewrite import score_requests
     from editlab.methods import EditorContext, build_editor
 
     editor = build_editor(cfg.method, cfg.model.name, EditorContext(cache_dir=cache_dir, data_root=data_root, seed=0))
     requests = build_requests(cfg.data, cfg.sample)[:n]
     editor.prepare(lm, requests)
-    ledger = DeltaLedger(lm.model)
+    weights = WeightWriter(lm.model)
     es = []
     try:
         for r in requests:
-            ledger.apply(editor.apply(lm, [r]))
+            weights.apply(editor.apply(lm, [r]))
             es.append(score_requests(lm.model, lm.tok, [r], neighborhood=False)[0]["es"])
     finally:
-        ledger.reset()
+        weights.reset()
     return es

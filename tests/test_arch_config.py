@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from conftest import compose
 from editlab.config import relative_layers, resolve_hparams, with_inherited
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.methods import METHODS, EditorContext, build_editor
 from editlab.models import ModuleTable, load_model
 from editlab.models import loading
@@ -245,7 +245,7 @@ def per_layer_map(prefix="model", extra=("model.norm", "model.rotary_emb", "lm_h
 
 def test_device_map_places_a_tiny_model_and_a_rome_edit_applies(tmp_path, data_root):
     """An explicit per-layer map loads, the input device is the embedding's, and ROME's delta on
-    the mapped model equals the one on the plainly loaded model and is applied through the ledger."""
+    the mapped model equals the one on the plainly loaded model and is applied through the WeightWriter."""
     deltas = []
     for device_map in (None, per_layer_map()):
         cfg = compose("model=tiny-llama", "method=rome")
@@ -256,7 +256,7 @@ def test_device_map_places_a_tiny_model_and_a_rome_edit_applies(tmp_path, data_r
         delta = editor.apply(lm, requests)
         name, = delta.params
         before = lm.model.get_parameter(name).detach().clone()
-        DeltaLedger(lm.model).apply(delta)
+        WeightWriter(lm.model).apply(delta)
         assert torch.allclose(lm.model.get_parameter(name) - before, delta.params[name].to(before.dtype), atol=1e-6)
         deltas.append(delta.params[name])
     assert lm.model.hf_device_map == per_layer_map()

@@ -199,7 +199,7 @@ def test_bad_edit_skip_is_recorded_and_not_applied(tmp_path, data_root, monkeypa
     deltas = ck.read_checkpoint(tmp_path / "checkpoints" / "ckpt-0000004").deltas
     assert all(torch.isfinite(d).all() for d in deltas.values())
     # the ledger has edits 1, 2 and 4 only: edit 3 never reached the weights
-    from editlab.ledger import read_steps
+    from editlab.journal import read_steps
 
     assert [s.last for s in read_steps(tmp_path / "ledger", 4)] == [1, 2, 4]
 

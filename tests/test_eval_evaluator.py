@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from editlab.config import EvalConfig
 from editlab.data import build_requests
-from editlab.deltas import Delta, DeltaLedger
+from editlab.deltas import Delta, WeightWriter
 from editlab.evaluate.downstream import DownstreamEval
 from editlab.evaluate.evaluator import Evaluator
 from tests.conftest import compose
@@ -28,7 +28,7 @@ def _cfg(**kw):
 
 
 def _evaluator(lm, requests, **kw):
-    ev = Evaluator(_cfg(**kw), lm, DeltaLedger(lm.model), requests)
+    ev = Evaluator(_cfg(**kw), lm, WeightWriter(lm.model), requests)
     ev.downstream = DownstreamEval(lm, [(TOY, _toy_examples(6))], batch_size=3, gen_tokens=2)
     return ev
 
@@ -41,12 +41,12 @@ def _delta(lm, step):
 
 @pytest.mark.parametrize("tiny", ["tiny-gpt2"], indirect=True)
 def test_distance_on_a_known_delta(tiny):
-    ledger = DeltaLedger(tiny.model)
+    weights = WeightWriter(tiny.model)
     w0 = dict(tiny.model.named_parameters())[PARAM].detach().clone()
     d = torch.zeros_like(w0)
     d[0, :4] = torch.tensor([3.0, 4.0, 0.0, 12.0])  # ‖d‖_F = 13
-    ledger.apply(Delta(params={PARAM: d}))
-    ev = Evaluator(_cfg(forget_every=0, downstream_every=0), tiny, ledger, [])
+    weights.apply(Delta(params={PARAM: d}))
+    ev = Evaluator(_cfg(forget_every=0, downstream_every=0), tiny, weights, [])
     m = ev.distance_metrics()
     assert m[f"distance/{PARAM}"] == pytest.approx(13 / w0.numel())
     assert m[f"distance/relative/{PARAM}"] == pytest.approx(13 / float(w0.norm()))
@@ -57,7 +57,7 @@ def _run(ev, lm, steps, batch=1, log=None):
     log = {} if log is None else log
     for prev in steps:
         now = min(prev + batch, ev.n_edits)
-        ev.ledger.apply(_delta(lm, now))
+        ev.weights.apply(_delta(lm, now))
         log[now] = ev.after_step(prev, now, ev.requests[prev:now])[0]
     return log
 
@@ -87,12 +87,12 @@ def test_resume_continues_exactly(tiny, requests):
     ev.baseline()
     _run(ev, tiny, range(0, 5))
     state = copy.deepcopy(ev.state_dict())
-    cumulative = {n: c.clone() for n, c in ev.ledger.cumulative.items()}
+    cumulative = {n: c.clone() for n, c in ev.weights.cumulative.items()}
     straight = _run(ev, tiny, range(5, 10))
 
-    ev.ledger.reset()
+    ev.weights.reset()
     fresh = _evaluator(tiny, requests)
-    fresh.ledger.restore(cumulative)
+    fresh.weights.restore(cumulative)
     fresh.load_state_dict(state)
     resumed = _run(fresh, tiny, range(5, 10))
     assert resumed == straight
@@ -103,8 +103,8 @@ def test_resume_continues_exactly(tiny, requests):
 
 @pytest.mark.parametrize("tiny", ["tiny-gpt2"], indirect=True)
 def test_confirm_disabling_applies_the_edit_alone_and_restores(tiny, requests):
-    ev = Evaluator(_cfg(forget_every=0, downstream_every=0), tiny, DeltaLedger(tiny.model), requests)
-    ev.ledger.apply(_delta(tiny, 1))
+    ev = Evaluator(_cfg(forget_every=0, downstream_every=0), tiny, WeightWriter(tiny.model), requests)
+    ev.weights.apply(_delta(tiny, 1))
     before = dict(tiny.model.named_parameters())[PARAM].detach().clone()
     ev.history["distance"] = [(e, 1e-6 * e + (1.0 if e >= 6 else 0.0)) for e in range(1, 11)]
     assert [d["edit"] for d in ev.disabling()] == [6]
@@ -113,7 +113,7 @@ def test_confirm_disabling_applies_the_edit_alone_and_restores(tiny, requests):
     class Editor:
         def apply(self, lm, reqs):
             assert [r.case_id for r in reqs] == [requests[5].case_id]
-            assert torch.equal(dict(lm.model.named_parameters())[PARAM], ev.ledger.base[PARAM])  # unedited
+            assert torch.equal(dict(lm.model.named_parameters())[PARAM], ev.weights.base[PARAM])  # unedited
             d = torch.zeros_like(before)
             d[0, 0] = 1.0 * before.numel()  # distance 1.0 per element, like the jump in the run
             return Delta(params={PARAM: d})

@@ -6,7 +6,7 @@ import torch
 
 from conftest import compose
 from editlab.data.requests import EditRequest
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests
 from editlab.evaluate.scoring import encode
 from editlab.methods import EditorContext, build_editor
@@ -49,7 +49,7 @@ def test_clamp_holds_exactly_over_several_edits(tiny, anchor):
     names = [tiny.table.mlp_out_weight_name(l) for l in (1, 2)]
     params = dict(tiny.model.named_parameters())
     w0 = {n: params[n].detach().clone() for n in names}
-    ledger = DeltaLedger(tiny.model)
+    weights = WeightWriter(tiny.model)
     drift = []
     for req in REQUESTS:
         before = {n: params[n].detach().clone() for n in names}
@@ -59,7 +59,7 @@ def test_clamp_holds_exactly_over_several_edits(tiny, anchor):
             assert torch.equal(params[n], before[n]), "apply must leave the model as it found it"
             assert delta.params[n].shape == params[n].shape  # the parameter's own layout (Conv1D too)
             assert float(delta.params[n].abs().max()) > EPS / 2, "the clamp should be active"
-        ledger.apply(delta)
+        weights.apply(delta)
         for n in names:
             ref = before[n] if anchor == "edit" else w0[n]
             assert within(params[n], ref, EPS) <= 0, n
@@ -150,11 +150,11 @@ def test_three_ftc_edits_take_on_smollm2(smollm, data_root):
     requests = build_requests(cfg.data, cfg.sample)
     editor = build_editor(cfg.method, cfg.model.name, EditorContext(Path("/x"), data_root, 0))
     editor.prepare(smollm, requests)
-    ledger = DeltaLedger(smollm.model)
+    weights = WeightWriter(smollm.model)
     try:
         for req in requests:
-            ledger.apply(editor.apply(smollm, [req]))
+            weights.apply(editor.apply(smollm, [req]))
             (m,) = score_requests(smollm.model, smollm.tok, [req], paraphrase=False, neighborhood=False)
             assert m["es"] == 1.0, (req.case_id, m)
     finally:
-        ledger.reset()  # the session-scoped model goes back to its base weights
+        weights.reset()  # the session-scoped model goes back to its base weights

@@ -7,7 +7,7 @@ import torch
 
 from conftest import compose
 from editlab.data.requests import EditRequest
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.mend.data import OverlapError, check_disjoint, evaluated_records, training_records
 from editlab.mend.factor import gradient_factors, with_updates
@@ -96,7 +96,7 @@ def test_editor_delta_is_in_parameter_layout(tiny, tmp_path):
     ed.prepare(tiny, reqs)
     assert ed.hp.editor_sha256 == digest
     delta = ed.apply(tiny, reqs)
-    DeltaLedger(tiny.model).check(delta)  # shapes match the parameters, factors reproduce the delta
+    WeightWriter(tiny.model).check(delta)  # shapes match the parameters, factors reproduce the delta
     bad = MENDEditor(MENDHparams(layers=LAYERS, editor_path=str(tmp_path / "ed"), editor_sha256="0" * 64),
                      EditorContext(tmp_path, tmp_path, 0))
     with pytest.raises(ValueError, match="sha256"):

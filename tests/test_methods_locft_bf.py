@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 
 from conftest import compose, sequential_efficacy
 from test_rome_memit import make
@@ -28,10 +28,10 @@ def test_targets_end_with_eos_and_loss_falls(tmp_path, data_root):
     enc = editor.encode(lm, requests[0])
     assert enc.target[-1] == lm.tok.eos_token_id
     loss0 = float(editor.loss(lm, [editor.encode(lm, r) for r in requests]))
-    ledger = DeltaLedger(lm.model)
-    ledger.apply(editor.apply(lm, requests))
+    weights = WeightWriter(lm.model)
+    weights.apply(editor.apply(lm, requests))
     assert float(editor.loss(lm, [editor.encode(lm, r) for r in requests])) < loss0
-    ledger.reset()
+    weights.reset()
 
 
 def test_same_seed_same_delta_and_step_counter_is_state(tmp_path, data_root):

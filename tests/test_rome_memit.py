@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from editlab.data import build_requests
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.methods import EditorContext, build_editor
 from editlab.methods import stats as stats_mod
 from editlab.methods.keys import io_at_subject
@@ -38,8 +38,8 @@ def test_rome_maps_key_to_value_exactly(model, variant, tmp_path, data_root):
     r1, _ = editor.rank_one(lm, req)
     layer = editor.hp.layers[0]
     module = lm.table.mlp_out(layer)
-    ledger = DeltaLedger(lm.model)
-    ledger.apply(editor.apply(lm, [req]))
+    weights = WeightWriter(lm.model)
+    weights.apply(editor.apply(lm, [req]))
     with torch.no_grad():
         out = module(r1.key.float()[None])[0].double()
     # W' k = v*: the equality constraint, to float32 tolerance of the layer's output
@@ -48,7 +48,7 @@ def test_rome_maps_key_to_value_exactly(model, variant, tmp_path, data_root):
         k_bare, _ = io_at_subject(lm, lm.table.mlp_out_name(layer), [req.prompt], [req.subject])
         assert torch.allclose(k_bare[0].double(), r1.key)
     # the update is rank one and recorded as one factor pair in the parameter's layout
-    delta = ledger.cumulative[lm.table.mlp_out_weight_name(layer)]
+    delta = weights.cumulative[lm.table.mlp_out_weight_name(layer)]
     assert torch.linalg.matrix_rank(delta.double(), rtol=1e-5) == 1
 
 

@@ -59,7 +59,7 @@ def test_run_in_process_with_batched_steps(tmp_path, data_root):
 
 
 class Quiet:
-    """Editor, evaluator, ledger and tracker at once, doing nothing: the test is about the terminal."""
+    """Editor, evaluator, weight writer and tracker at once, doing nothing: the test is about the terminal."""
 
     name = "quiet"
     windows: dict = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from editlab.data.requests import EditRequest
-from editlab.deltas import DeltaLedger
+from editlab.deltas import WeightWriter
 from editlab.errors import BadEdit, EditFailed
 from editlab.evaluate.collapse import Jump, collapse_onset, jumps
 from editlab.evaluate.downstream import DownstreamEval
@@ -28,11 +28,11 @@ WINDOWED = ("es", "ps", "ns", "es_mag", "ps_mag", "ns_mag")
 
 
 class Evaluator:
-    def __init__(self, cfg, lm: LoadedModel, ledger: DeltaLedger, requests: Sequence[EditRequest],
+    def __init__(self, cfg, lm: LoadedModel, weights: WeightWriter, requests: Sequence[EditRequest],
                  glue_dir: Path | None = None):
         self.cfg = cfg
         self.lm = lm
-        self.ledger = ledger
+        self.weights = weights
         self.requests = list(requests)  # the whole stream, in order (forgetting re-scores a prefix)
         self.n_edits = len(self.requests)
         self.windows = {w: deque(maxlen=w) for w in cfg.windows}
@@ -70,7 +70,7 @@ class Evaluator:
 
     def distance_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        dists = self.ledger.distances()
+        dists = self.weights.distances()
         for name, d in dists.items():
             out[f"distance/{name}"] = d["fro_per_numel"]
             out[f"distance/relative/{name}"] = d["relative"]
@@ -161,16 +161,16 @@ class Evaluator:
         suspects = self._disabling_jumps()
         if not suspects:
             return {"collapse/confirmed": []}
-        saved = {n: c.clone() for n, c in self.ledger.cumulative.items()}
+        saved = {n: c.clone() for n, c in self.weights.cumulative.items()}
         results = []
-        self.ledger.reset()
+        self.weights.reset()
         try:
             base_f1 = self._lik_f1()
             editor = make_editor()
             for j in suspects:
                 res: dict[str, Any] = {"edit": j.edit, "case_ids": self._case_ids(j)}
                 try:
-                    self.ledger.apply(editor.apply(self.lm, self.requests[j.prev:j.edit]))
+                    self.weights.apply(editor.apply(self.lm, self.requests[j.prev:j.edit]))
                 except (BadEdit, EditFailed) as e:
                     res.update(disables=None, reason=f"{type(e).__name__}: {e}")
                     results.append(res)
@@ -183,10 +183,10 @@ class Evaluator:
                     disables = disables and base_f1 - f1 >= self.cfg.collapse_f1_drop
                 res.update(distance=d, ratio=ratio, f1_lik=f1, base_f1_lik=base_f1, disables=disables)
                 results.append(res)
-                self.ledger.reset()
+                self.weights.reset()
         finally:
-            self.ledger.reset()
-            self.ledger.restore(saved)
+            self.weights.reset()
+            self.weights.restore(saved)
         return {"collapse/confirmed": results}
 
     def _lik_f1(self) -> float | None:

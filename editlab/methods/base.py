@@ -31,7 +31,7 @@ class Editor(ABC):
     ``prepare`` runs once on the *unedited* model before the stream (and before a resumed run
     restores its deltas): validate every request and compute anything that must come from the
     base weights (key statistics).  ``apply`` computes the change for one step's requests and
-    returns it without leaving it in the model: the stream applies it through the ledger.
+    returns it without leaving it in the model: the stream applies it through its WeightWriter.
     """
 
     # Set by editlab.registry.register_method on the decorated class.

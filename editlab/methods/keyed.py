@@ -102,7 +102,7 @@ def check_nonsingular(c: torch.Tensor, layer: int) -> None:
 def scratch_weights(params: dict[str, torch.nn.Parameter]) -> Iterator[dict[str, torch.Tensor]]:
     """Let a method write into weights while it computes a step, then put them back.
 
-    Yields the original values; the editor's result is a Delta, applied by the stream's ledger.
+    Yields the original values; the editor's result is a Delta, applied by the stream's WeightWriter.
     """
     saved = {n: p.detach().clone() for n, p in params.items()}
     try:

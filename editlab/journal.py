@@ -1,4 +1,4 @@
-"""The append-only edit ledger: every applied step's own delta, so any edit index can be rebuilt.
+"""The append-only delta journal: every applied step's own delta, so any edit index can be rebuilt.
 
 A step (requests ``first..last``, edited together) is recorded per parameter as the low-rank
 factors its method returned (ROME: one pair of vectors per edit; MEMIT: K and R per layer), or,
@@ -10,6 +10,8 @@ Steps are buffered in memory and written as one safetensors shard per checkpoint
 ``<root>/steps-<first>-<last>.safetensors`` (first/last edit covered).  Shards are only ever added;
 the one exception is a resume from checkpoint E, which drops shards past E: the interrupted run
 wrote them after its last committed checkpoint, and the resumed run records those edits again.
+On disk the journal is a run's ``ledger/`` directory, in format ``editlab-ledger/1``: the names
+it had before the class was renamed, so that older runs still resume and export.
 """
 from __future__ import annotations
 
@@ -68,7 +70,9 @@ class Step:
         return total
 
 
-class EditLedger:
+class DeltaJournal:
+    """Records the steps the :class:`editlab.deltas.WeightWriter` applies; flushed at checkpoints."""
+
     def __init__(self, root: str | Path, dense: bool = False):
         self.root = Path(root)
         self.dense = dense
