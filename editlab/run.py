@@ -1,4 +1,7 @@
-"""Build a run from a composed config and execute its edit stream (DESIGN §3's flow)."""
+"""Build a run from a composed config and execute its edit stream.
+
+The steps are those of docs/architecture.md, "The flow of an edit".
+"""
 from __future__ import annotations
 
 import json

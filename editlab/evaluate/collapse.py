@@ -1,4 +1,4 @@
-"""Collapse detection from the logged curves (DESIGN §4).
+"""Collapse detection from the logged curves (docs/architecture.md, "Metrics").
 
 Inputs are histories of ``(edit, value)`` points: the distance of the edited weights from the base
 (``distance/mean``, logged each distance step), the new-edit efficacy of each step, and the mean

@@ -1,4 +1,4 @@
-"""Forgetting of earlier edits (DESIGN §4): re-score every earlier fact in padded batches.
+"""Forgetting of earlier edits (docs/architecture.md, "Metrics"): re-score every earlier fact in padded batches.
 
 A fact is its rewrite prompt (efficacy) and, optionally, each paraphrase prompt; a prompt
 "holds" when the new target has the lower mean per-token NLL (the ES/PS test of rewrite.py).

@@ -1,4 +1,4 @@
-"""Efficacy, paraphrase and neighborhood scores of edit requests (DESIGN §4)."""
+"""Efficacy, paraphrase and neighborhood scores of edit requests (docs/architecture.md, "Metrics")."""
 from __future__ import annotations
 
 import math
