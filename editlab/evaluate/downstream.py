@@ -7,9 +7,9 @@ and position ids are given explicitly, so every real token sits where it would i
 prompt), which also makes all prompts end in the same column, so greedy decoding and label-word
 scoring append tokens in lockstep.
 
-Two scores per task (docs/architecture.md, "Metrics"): ``f1_gen`` (the paper's: greedy-generate a few tokens, parse the
-label word, unparseable = wrong, weighted F1) and ``f1_lik`` (the label word with the highest
-total log-probability, weighted F1).
+Two scores per task (docs/architecture.md, "Metrics"): ``f1_gen`` (the paper's: greedy-generate
+a few tokens, parse the label word, unparseable = wrong, weighted F1) and ``f1_lik`` (the label
+word with the highest total log-probability, weighted F1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Forgetting of earlier edits (docs/architecture.md, "Metrics"): re-score every earlier fact in padded batches.
+"""Forgetting of earlier edits: re-score every earlier fact in padded batches.
+
+What the scores mean: docs/architecture.md, "Metrics".
 
 A fact is its rewrite prompt (efficacy) and, optionally, each paraphrase prompt; a prompt
 "holds" when the new target has the lower mean per-token NLL (the ES/PS test of rewrite.py).

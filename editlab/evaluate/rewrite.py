@@ -1,4 +1,5 @@
-"""Efficacy, paraphrase and neighborhood scores of edit requests (docs/architecture.md, "Metrics")."""
+"""Efficacy, paraphrase and neighborhood scores of edit requests (docs/architecture.md,
+"Metrics")."""
 from __future__ import annotations
 
 import math
