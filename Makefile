@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export EDITLAB_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-fast test-slow bench slurm-test report clean
+.PHONY: install demo test test-fast test-slow lint bench slurm-test report clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,12 +41,16 @@ test-fast:
 test-slow:
 	$(BIN)/python -m pytest -q -m slow
 
+# ruff (rules in pyproject.toml); `$(BIN)/pre-commit install` makes it a commit hook.
+lint:
+	$(BIN)/ruff check editlab bench tests
+
 bench:
 	$(BIN)/python -m bench
 
 # MEND editor for SmolLM2's last three MLPs (27-29) on CPU: editor.safetensors, config.json,
 # history.jsonl and curve.png in outputs/mend/smollm2-135m; re-running resumes there.
-# 1100 steps: about 20 min on one core of this 2-core box with other jobs running (README, MEND).
+# 1100 steps: about 20 min on one core of this 2-core box with other jobs running (docs/mend.md).
 MEND_STEPS ?= 1100
 .PHONY: mend-smollm2
 mend-smollm2:

@@ -6,7 +6,8 @@ edits, keep 2): ROME-shaped (one pair of vectors per edit, returned as factors) 
 (one dense matrix per edit, no factors).  SmolLM2-135M is the real model (layer 10 down_proj,
 576 x 1536); gpt2-xl is its edited matrix only (layer 17 c_proj, 6400 x 1600), enough to measure
 what a checkpoint of it costs.  A dense FT-C ledger is linear in edits, so it is run for 100 edits
-and scaled to 1000 (so is the gpt2-xl-sized ROME ledger, run for 250).  The baseline is the paper's code: a full fp32 model copy every 20 edits.
+and scaled to 1000 (so is the gpt2-xl-sized ROME ledger, run for 250).  The baseline is the paper's
+code: a full fp32 model copy every 20 edits.
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def main() -> None:
         print(f"smollm2-135m: model load {load_s:.1f} s; one full fp32 copy {du(tmp / 'full') / 1e6:.0f} MB "
               f"written in {copy_s:.2f} s; edited matrix {smol_name} {tuple(lm.table.mlp_out_weight(10).shape)}")
         shutil.rmtree(tmp / "full")
-        report("smollm2 ROME-shaped, 1000 edits", stream(lm.model, smol_name, "rome", 1000, False, tmp / "a"), smol_bytes)
+        report("smollm2 ROME-shaped, 1000 edits", stream(lm.model, smol_name, "rome", 1000, False, tmp / "a"),
+               smol_bytes)
         report("smollm2 FT-C, 1000 edits", stream(lm.model, smol_name, "ft", 1000, False, tmp / "b"), smol_bytes)
         report("smollm2 FT-C + dense ledger, 100 edits", stream(lm.model, smol_name, "ft", 100, True, tmp / "c"),
                smol_bytes)

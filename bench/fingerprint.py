@@ -2,9 +2,9 @@
 
     python -m bench.fingerprint [--out DIR] [--against DIR]
 
-Runs every method on ``tiny-gpt2`` and ``tiny-llama`` (sample 1, 5 edits, seed 0, no evaluation),
+Runs every registered method on ``tiny-gpt2`` and ``tiny-llama`` (sample 1, 5 edits, seed 0, no evaluation),
 and prints the SHA-256 of what each run leaves behind: the cumulative weight deltas and the
-editor's tensor state (GRACE's codebook, AlphaEdit's projector, ...), in name order.
+editor's tensor state (GRACE's codebook, AlphaEdit's and ENCORE's past keys, ...), in name order.
 ``--out`` keeps the deltas; ``--against`` compares a new run with kept ones to 1e-7 (max absolute
 difference), for refactors that may reorder float operations without changing behaviour.
 """
@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editlab.checkpoint import committed_checkpoints, read_checkpoint
+from editlab.methods import METHODS
 
-METHODS = ("ft", "rome", "memit", "emmet", "alphaedit", "encore", "grace", "locft_bf", "mend")
 MODELS = ("tiny-gpt2", "tiny-llama")
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path)
     p.add_argument("--against", type=Path)
-    p.add_argument("--methods", nargs="*", default=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=sorted(METHODS))
     args = p.parse_args(argv)
     from editlab.compose import register_configs
 

@@ -49,7 +49,7 @@ from editlab.methods.templates import generate_templates
 from editlab.models import load_model
 from editlab.models.loading import LoadedModel
 
-ALL_METHODS = "ft,rome,memit,emmet,alphaedit,encore,grace,locft_bf,mend"
+ALL_METHODS = ",".join(sorted(METHODS))
 MEND_EDITOR = "outputs/mend/smollm2-135m"  # where `make mend-smollm2` writes it
 TEMPLATES = "[[5,2]]"  # few context templates keep the reference copy on the CPU short
 

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         dt = (time.perf_counter() - t0) / len(requests)
         mean = {k: sum(a[k] for a in after) / len(after) for k in ("es", "ps", "ns")}
         ns0 = sum(b["ns"] for b in before) / len(before)
-        print(f"{layer:5d}  {mean['es']:.2f}  {mean['ps']:.2f}  {mean['ns']:.2f}  {ns0:.2f}        {dt:.1f}", flush=True)
+        print(f"{layer:5d}  {mean['es']:.2f}  {mean['ps']:.2f}  {mean['ns']:.2f}  {ns0:.2f}        {dt:.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":

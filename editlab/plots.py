@@ -25,7 +25,15 @@ from matplotlib.ticker import MaxNLocator
 
 from editlab.args import parse_args
 from editlab.results import (
-    FORGET_PANELS, TABLE3_COLUMNS, RunResult, downstream_tasks, find_runs, load_run, rewrite_panels, table3, task_title,
+    FORGET_PANELS,
+    TABLE3_COLUMNS,
+    RunResult,
+    downstream_tasks,
+    find_runs,
+    load_run,
+    rewrite_panels,
+    table3,
+    task_title,
 )
 
 log = logging.getLogger(__name__)

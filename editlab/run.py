@@ -21,8 +21,8 @@ from editlab.evaluate.evaluator import Evaluator
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
 from editlab.models.loading import layer_count
-from editlab.stream import EditStream
 from editlab.publish import publish_results
+from editlab.stream import EditStream
 from editlab.tracking import build_tracker
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ register_configs()
 
 def compose(*overrides: str):
     """A real config composed from conf/ with Hydra's compose API."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from editlab.cli import CONF_DIR, normalize_overrides
 

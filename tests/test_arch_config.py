@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import compose
 from editlab.config import relative_layers, resolve_hparams, with_inherited
 from editlab.data import build_requests
 from editlab.deltas import WeightWriter
 from editlab.methods import METHODS, EditorContext, build_editor
-from editlab.models import ModuleTable, load_model
-from editlab.models import loading
+from editlab.models import ModuleTable, load_model, loading
 from editlab.models.loading import gguf_path, layer_count
 from editlab.models.tiny import N_LAYERS, build_tiny
 
@@ -156,7 +155,8 @@ def test_no_row_takes_the_reference_rows_relative_depth(method, expected, caplog
     ref = cfg.reference_model
     row = OmegaConf.to_container(cfg.per_model[ref])
     assert {k: getattr(hp, k) for k in row if k != "layers"} == {k: v for k, v in row.items() if k != "layers"}
-    assert f"no per_model row for model 'tiny-mystery': layers {expected} at the relative depth of {ref}'s" in caplog.text
+    said = f"no per_model row for model 'tiny-mystery': layers {expected} at the relative depth of {ref}'s"
+    assert said in caplog.text
 
 
 def test_no_row_with_layers_given_needs_no_layer_count():

@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import compose
+
 from editlab import checkpoint as ck
 from editlab import errors
 from editlab.config import resolve_hparams
+from editlab.errors import StreamStopped
 from editlab.methods.ft import FTEditor, FTHparams
 from editlab.run import run
-from editlab.errors import StreamStopped
 
 TINY = ("model=tiny-gpt2", "method=ft", "eval=none", "tracker=none", "method.steps=3")
 
@@ -52,9 +52,11 @@ def test_split_rejects_what_json_cannot_hold():
 
 
 def test_config_hash_ignores_what_a_resume_may_change():
-    a = ck.hashed_config({"run_dir": "/a", "tracker": {"mode": "online"}, "stream": {"progress": True, "max_delta_norm": 1.0},
+    a = ck.hashed_config({"run_dir": "/a", "tracker": {"mode": "online"},
+                          "stream": {"progress": True, "max_delta_norm": 1.0},
                           "method": {"lr": 1e-3}, "checkpoint": {"every": 5}})
-    b = ck.hashed_config({"run_dir": "/b", "tracker": {"mode": "offline"}, "stream": {"progress": None, "max_delta_norm": 1.0},
+    b = ck.hashed_config({"run_dir": "/b", "tracker": {"mode": "offline"},
+                          "stream": {"progress": None, "max_delta_norm": 1.0},
                           "method": {"lr": 1e-3}, "checkpoint": {"every": 50}})
     assert ck.config_hash(a) == ck.config_hash(b)
     c = dict(a, method={"lr": 2e-3})

@@ -6,7 +6,8 @@ import json
 import pytest
 from test_plots import write_synthetic_run
 
-from editlab.compare import compare_row, main as compare_main
+from editlab.compare import compare_row
+from editlab.compare import main as compare_main
 from editlab.results import load_run
 
 

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from conftest import ROOT, compose
 from editlab.cli import CONF_DIR, normalize_overrides
 from editlab.config import resolve_hparams, with_inherited
 from editlab.methods import METHODS
@@ -85,7 +85,8 @@ def test_misspelt_key_in_a_yaml_file_raises(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     (conf / "model" / "typo.yaml").write_text("defaults: [model_schema]\nname: typo\nhub_idd: gpt2\n")
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         with pytest.raises((ConfigCompositionException, ConfigKeyError)):

@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import compose
 from omegaconf import OmegaConf
 
-from conftest import compose
 from editlab.data import EditRequest, build_requests, load_counterfact, load_order, select_requests
 from editlab.errors import DataError
 
@@ -101,14 +101,16 @@ def _original_record(cid: int = 7) -> dict:
     return {
         "case_id": cid,
         "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103", "subject": "Ann Smith",
-                              "target_new": {"str": "English", "id": "Q1"}, "target_true": {"str": "French", "id": "Q2"}},
+                              "target_new": {"str": "English", "id": "Q1"},
+                              "target_true": {"str": "French", "id": "Q2"}},
         "paraphrase_prompts": ["Ann Smith speaks"],
         "neighborhood_prompts": ["Bob Jones speaks"],
     }
 
 
 def _flat_record(cid: int = 7) -> dict:
-    return {"case_id": cid, "prompt": "The mother tongue of Ann Smith is", "subject": "Ann Smith", "target_new": "English",
+    return {"case_id": cid, "prompt": "The mother tongue of Ann Smith is", "subject": "Ann Smith",
+            "target_new": "English",
             "ground_truth": "French", "rephrase_prompt": "Ann Smith speaks", "locality_prompt": "Bob Jones speaks",
             "locality_ground_truth": "French"}
 

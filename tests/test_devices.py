@@ -21,18 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose
+from test_eval_downstream import TOY, _toy_examples
 from torch import nn
 
 from bench.gpu_check import compare, run_edits, split_across
-from conftest import compose
 from editlab.data import build_requests
 from editlab.evaluate.downstream import DownstreamEval
 from editlab.mend.net import MENDNet, spec_from_model
 from editlab.mend.store import save_editor
+from editlab.methods import METHODS
 from editlab.models import load_model
-from test_eval_downstream import TOY, _toy_examples
-
-METHODS = ["ft", "rome", "memit", "emmet", "alphaedit", "encore", "grace", "locft_bf", "mend"]
 
 
 def with_decoy(lm):
@@ -62,7 +61,7 @@ def mend_editor(tmp_path_factory):
 
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_edits_do_not_depend_on_the_first_parameter(method, placement, tmp_path, data_root, mend_editor):
     cfg = compose("model=tiny-llama", f"method={method}",
                   *([f"method.editor_path={mend_editor}"] if method == "mend" else []))

@@ -29,7 +29,8 @@ def test_all_tasks_load_balanced_subsets(data_root, name, n_shots):
 
 
 def test_bad_records_are_named(tmp_path):
-    (tmp_path / "sst2.json").write_text(json.dumps([{"sentence": "a", "label": 1, "idx": 0}, {"sentence": "b", "idx": 1}]))
+    records = [{"sentence": "a", "label": 1, "idx": 0}, {"sentence": "b", "idx": 1}]
+    (tmp_path / "sst2.json").write_text(json.dumps(records))
     with pytest.raises(DataError, match=r"sst2.json: record 1 has no field 'label'"):
         load_task(tmp_path, "sst2")
     shot = "by far the worst movie of the year"

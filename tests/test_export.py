@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import compose
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import compose
 from editlab.checkpoint import read_checkpoint
 from editlab.config import resolve_hparams
 from editlab.deltas import Delta

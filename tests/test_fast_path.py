@@ -10,6 +10,8 @@ float64 attention yields NaN on padded rows (in transformers, with either path).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -18,8 +20,6 @@ from editlab.methods.zopt import CachedSuffix, build_problem, optimize_targets
 from editlab.models.arch import ModuleTable
 from editlab.models.loading import LoadedModel
 from editlab.models.tiny import BUILDERS, build_tiny
-
-from types import SimpleNamespace
 
 HP = SimpleNamespace(v_lr=0.5, v_steps=12, v_weight_decay=0.5, clamp_norm_factor=4.0, kl_factor=0.0625,
                      early_stop_loss=5e-2)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose
+
 from editlab.data.requests import EditRequest
 from editlab.deltas import WeightWriter
 from editlab.evaluate.rewrite import score_requests

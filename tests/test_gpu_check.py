@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose
 
 from bench import gpu_check
 from bench.gpu_check import Outcome, compare, split_across
-from conftest import compose
 from editlab.models import load_model
 
 
@@ -26,7 +26,8 @@ def test_compare_flags_changed_missing_and_extra_tensors():
     off = compare(Outcome(deltas=[d, {"w": torch.ones(3, 2) * 1.1}], state=ref.state, stats=ref.stats), ref)
     assert off["delta"] == pytest.approx(0.1)
     assert compare(Outcome(deltas=[d], state=ref.state, stats=ref.stats), ref)["delta"] == float("inf")
-    assert compare(Outcome(deltas=[d, {**d, "v": d["w"]}], state=ref.state, stats=ref.stats), ref)["delta"] == float("inf")
+    extra = Outcome(deltas=[d, {**d, "v": d["w"]}], state=ref.state, stats=ref.stats)
+    assert compare(extra, ref)["delta"] == float("inf")
     assert compare(Outcome(deltas=[d, d], state={}, stats=ref.stats), ref)["state"] == float("inf")
 
 

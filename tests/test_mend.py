@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose
+
 from editlab.data.requests import EditRequest
 from editlab.deltas import WeightWriter
 from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.mend.data import OverlapError, check_disjoint, evaluated_records, training_records
 from editlab.mend.factor import gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
-from editlab.mend.train import Trainer, TrainConfig, answer_logp, kl_from, locality_facts
+from editlab.mend.train import TrainConfig, Trainer, answer_logp, kl_from, locality_facts
 
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-gptj"]
 LAYERS = [1, 2, 3]

@@ -5,15 +5,14 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import compose
+from test_rome_memit import make
 
 from editlab.data import build_requests
 from editlab.evaluate.rewrite import score_requests
 from editlab.methods import EditorContext, build_editor
 from editlab.methods.grace import EXPAND, NEW, REPLACE, SPLIT
 from editlab.methods.tracing import trace
-
-from conftest import compose
-from test_rome_memit import make
 
 
 def _logits(lm, texts):

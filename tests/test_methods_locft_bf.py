@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from editlab.deltas import WeightWriter
-
 from conftest import compose, sequential_efficacy
 from test_rome_memit import make
+
+from editlab.deltas import WeightWriter
 
 
 def test_epochs_over_mini_batches_of_the_step(tmp_path, data_root):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose, sequential_efficacy
+from test_rome_memit import make
 
 from editlab.methods import build_editor
 from editlab.methods.alphaedit import alphaedit_solve, null_space_projector
 from editlab.methods.emmet import emmet_solve
-from editlab.methods.zopt import search_deltas, build_problem
-
-from conftest import compose, sequential_efficacy
-from test_rome_memit import make
+from editlab.methods.zopt import build_problem, search_deltas
 
 
 def _capture_solves(editor):

@@ -1,10 +1,10 @@
 """Model loading (tiny, hub path, GGUF cache) and the per-architecture module table."""
 import pytest
 import torch
+from conftest import compose
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import compose
 from editlab.models import ARCHS, ModuleTable, load_model
 from editlab.models.loading import gguf_path
 from editlab.models.tiny import N_LAYERS, WIDTH, build_tiny

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from editlab.plots import main as plot_main, plot_runs
+from editlab.plots import main as plot_main
+from editlab.plots import plot_runs
 from editlab.results import find_runs, load_run, table3
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
@@ -140,6 +141,7 @@ def test_cli_finds_runs_below_a_sweep_dir(two_runs, tmp_path, capsys):
 
 def test_real_tiny_run_plots_into_its_run_dir(data_root, cache_dir, tmp_path):
     from conftest import compose
+
     from editlab.run import run
 
     cfg = compose("model=tiny-gpt2", "method=ft", "sample.n_edits=6", "eval=fast", "eval.downstream_every=0",

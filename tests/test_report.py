@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from editlab.report import build_report, main as report_main, report_spec, run_filter
+from editlab.report import build_report, report_spec, run_filter
+from editlab.report import main as report_main
 from editlab.results import TABLE3_COLUMNS, rewrite_panels
 
 # wandb-workspaces still uses pydantic-v1-style validators

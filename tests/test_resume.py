@@ -87,6 +87,7 @@ def test_resume_carries_forgetting_and_downstream_history(tmp_path, data_root):
     import shutil
 
     from conftest import compose
+
     from editlab.run import run
 
     # tiny-llama: the few-shot downstream prompts are longer than tiny-gpt2's 256 positions.
@@ -113,6 +114,7 @@ def test_every_method_resumes_and_its_ledger_rebuilds(tmp_path, data_root, metho
     import shutil
 
     from conftest import compose
+
     from editlab.run import run
 
     args = ("model=tiny-gpt2", f"method={method}", "eval=none", "tracker=none", "tracker.plots=false",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose, sequential_efficacy
 from safetensors import safe_open
 
 from editlab.data import build_requests
@@ -14,8 +15,6 @@ from editlab.methods import stats as stats_mod
 from editlab.methods.keys import io_at_subject
 from editlab.methods.memit import memit_solve
 from editlab.models import load_model
-
-from conftest import compose, sequential_efficacy
 
 TINY = ["tiny-gpt2", "tiny-llama", "tiny-gptj"]
 

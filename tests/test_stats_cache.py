@@ -8,9 +8,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
 from conftest import compose
+from omegaconf import OmegaConf
 
 N_JOBS = 3
 

@@ -200,6 +200,7 @@ def test_group_is_the_hydra_sweep(tmp_path):
 
 def test_real_run_streams_to_wandb_offline(data_root, cache_dir, tmp_path):
     from conftest import compose
+
     from editlab.run import run
 
     run_dir = tmp_path / "run"
@@ -219,7 +220,8 @@ def test_real_run_streams_to_wandb_offline(data_root, cache_dir, tmp_path):
     assert {"n_edits", "paper/efficacy_until_collapse", "paper/edits_before_collapse"} <= summary_keys
     arts = by_type(recs, "artifact")  # the checkpoints, by reference
     assert arts and all(a.type == "checkpoint" for a in arts)
-    assert all(e.ref.startswith((run_dir / "checkpoints").resolve().as_uri()) for a in arts for e in a.manifest.contents)
+    where = (run_dir / "checkpoints").resolve().as_uri()
+    assert all(e.ref.startswith(where) for a in arts for e in a.manifest.contents)
 
 
 def test_multirun_jobs_share_the_sweep_group(data_root, cache_dir, tmp_path):

@@ -170,7 +170,7 @@ class DownstreamEval:
                                      "switches downstream rounds off)")
 
     @classmethod
-    def from_dir(cls, lm, glue_dir: Path, names: Sequence[str], n: int, **kw) -> "DownstreamEval":
+    def from_dir(cls, lm, glue_dir: Path, names: Sequence[str], n: int, **kw) -> DownstreamEval:
         return cls(lm, [load_task(glue_dir, name, n) for name in names], **kw)
 
     def predict(self, tt: TokenizedTask, use_cache: bool = True, generate: bool | None = None) -> Predictions:

@@ -93,7 +93,7 @@ class Evaluator:
                 metrics[f"edit/{key}"] = sum(vals) / len(vals)
             self.history["efficacy"].append((now, metrics["edit/es"]))
             for r in per_request:
-                for w, d in self.windows.items():
+                for d in self.windows.values():
                     d.append({k: r[k] for k in WINDOWED if k in r})
             for w, d in self.windows.items():
                 for key in WINDOWED:

@@ -89,8 +89,9 @@ class ForgetTracker:
 
     def state_dict(self) -> dict[str, Any]:
         # Rounds packed into two flat tensors (a checkpoint holds two tensors, not two per round).
-        cat = (lambda key, dtype: torch.cat([r[key] for r in self.rounds]) if self.rounds
-               else torch.zeros(0, dtype=dtype))
+        def cat(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.cat([r[key] for r in self.rounds]) if self.rounds else torch.zeros(0, dtype=dtype)
+
         return {"made_es": [f.es for f in self.made], "made_ps": [list(f.ps) for f in self.made],
                 "forget_at": list(self.forget_at),
                 "round_edit": [r["edit"] for r in self.rounds], "round_n": [len(r["es"]) for r in self.rounds],

@@ -45,7 +45,8 @@ def evaluated_records(counterfact: Path, orders_file: Path, n_edits: Optional[in
             sel = None
         for r in sel if sel is not None else (records[c] for c in order if c in records):
             chosen[r.case_id] = r
-    what = f"{'all' if n_edits is None else f'first {n_edits}'} of {n_orders} orders in {orders_file.name} over {counterfact.name}"
+    which = "all" if n_edits is None else f"first {n_edits}"
+    what = f"{which} of {n_orders} orders in {orders_file.name} over {counterfact.name}"
     return Excluded(frozenset(chosen), frozenset(r.subject.lower() for r in chosen.values()), what)
 
 

@@ -30,7 +30,8 @@ class NetSpec:
 
     def validate(self) -> None:
         if len(self.layers) != len(self.shapes) or not self.layers:
-            raise ValueError(f"MEND needs one (out, in) shape per layer; got layers {self.layers}, shapes {self.shapes}")
+            raise ValueError(f"MEND needs one (out, in) shape per layer; got layers {self.layers}, "
+                             f"shapes {self.shapes}")
         if self.rank < 1 or self.depth < 1 or not self.init_lr > 0:
             raise ValueError("MEND needs rank >= 1, depth >= 1 and init_lr > 0")
 
@@ -126,7 +127,8 @@ class MENDNet(nn.Module):
             if isinstance(m, RunningNorm):
                 m.frozen = frozen
 
-    def updates(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def updates(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {l: self.update(l, x, d) for l, (x, d) in factors.items()}
 
 

@@ -30,9 +30,7 @@ from tqdm import tqdm
 
 from editlab.args import UsageError, key_values
 from editlab.data.requests import EditRequest
-from editlab.evaluate.scoring import (
-    Encoded, encode, mean_per_pair, target_logits, target_logprobs, teacher_forced_nll,
-)
+from editlab.evaluate.scoring import Encoded, encode, mean_per_pair, target_logits, target_logprobs, teacher_forced_nll
 from editlab.mend.data import Excluded, evaluated_records, training_records
 from editlab.mend.factor import gradient_factors, with_updates
 from editlab.mend.net import MENDNet, spec_from_model
@@ -104,7 +102,8 @@ class Trainer:
 
     def losses(self, batch: Sequence[EditRequest], unrelated: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
         tok = self.lm.tok
-        pre, factors = gradient_factors(self.lm, self.layers, [encode(tok, r.rewrite_prompt, r.target_new) for r in batch])
+        encs = [encode(tok, r.rewrite_prompt, r.target_new) for r in batch]
+        pre, factors = gradient_factors(self.lm, self.layers, encs)
         updates = self.net.updates(factors)
         outer = [encode(tok, p, r.target_new) for r in batch for p in r.paraphrase_prompts]
         loc = locality_facts(tok, batch, unrelated)

@@ -10,8 +10,9 @@ value; a sequence with no such position is passed through untouched (bit for bit
 An edit's key is the module's input at the rewrite prompt's last token.  With d the distance to
 the nearest key: beyond that key's ε + ``eps_init`` a new entry is added; within it, the same
 label expands the nearest key's radius to d, a different label splits both radii to d/2 and
-adds the new key (or, for the very same key, relabels the entry).  A new entry's value starts at the module's own output and is trained so that
-the model completes the rewrite prompt with the new target (teacher-forced NLL).
+adds the new key (or, for the very same key, relabels the entry).  A new entry's value starts at the
+module's own output and is trained so that the model completes the rewrite prompt with the new
+target (teacher-forced NLL).
 The codebook is the editor's state (checkpointed); a step's Delta has no weights and reports the
 codebook's size and value norms, and how many of its edits took each :class:`Action`, in its info.
 """
@@ -25,8 +26,8 @@ import torch
 
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
-from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.errors import EditFailed
+from editlab.evaluate.scoring import encode, teacher_forced_nll
 from editlab.methods.base import Editor
 from editlab.methods.diagnostics import average_info
 from editlab.methods.tracing import StopForward, trace
@@ -137,7 +138,8 @@ class GRACEEditor(Editor):
                 if loss_value < self.hp.early_stop_loss:
                     break
                 if not loss.requires_grad:
-                    raise EditFailed(f"grace: case {req.case_id}'s key is outside its own ball (radius {float(self.eps[j]):.3g})")
+                    raise EditFailed(f"grace: case {req.case_id}'s key is outside its own ball "
+                                     f"(radius {float(self.eps[j]):.3g})")
                 loss.backward()
                 opt.step()
                 steps += 1

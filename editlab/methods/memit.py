@@ -46,7 +46,8 @@ class MEMITHparams(LayerSpreadHparams):
             raise ValueError("memit.mom2_update_weight must be >= 0")
 
 
-def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Δ = R Kᵀ (λC + K Kᵀ)⁻¹ as factors (R, A) with Δ = R Aᵀ, in float64.
 
     ``keys``: [d_in, n]; ``resid``: [d_out, n]; ``cov``: [d_in, d_in].  It minimises
@@ -74,7 +75,8 @@ class MEMITEditor(KeyValueEditor):
         """Extra keyword arguments of ``optimize_targets`` (descendants change the stopping rule)."""
         return {"argmax_patience": self.hp.v_argmax_patience}
 
-    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+              lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (R, A) of one layer's update Δ = R Aᵀ; descendants (EMMET, AlphaEdit, ENCORE)
         change only this.  Diagnostics go to ``self.solve_info``."""
         return memit_solve(keys, resid, self.stats.mom2(layer, keys.device), self.hp.mom2_update_weight)

@@ -53,7 +53,8 @@ class MENDEditor(Editor):
             if ours != tuple(shape):
                 raise ValueError(f"{where}: layer {layer} was {tuple(shape)} in training, the model's is {ours}")
         if hp.editor_sha256 and hp.editor_sha256 != digest:
-            raise ValueError(f"{path / 'editor.safetensors'}: sha256 {digest} != method.editor_sha256 {hp.editor_sha256}")
+            raise ValueError(f"{path / 'editor.safetensors'}: sha256 {digest} != "
+                             f"method.editor_sha256 {hp.editor_sha256}")
         hp.editor_path, hp.editor_sha256 = str(path), digest
         self.net = net
 
@@ -71,4 +72,5 @@ class MENDEditor(Editor):
             upd, (a, b) = lm.table.param_delta(a.to(w.device), b.to(w.device))
             params[name] = upd.to(w.dtype)
             pieces[name] = [(a.to(w.dtype), b.to(w.dtype))]
-        return Delta(params=params, factors=pieces, info={"loss": loss, "tokens": float(factors[self.hp.layers[0]][0].shape[0])})
+        tokens = float(factors[self.hp.layers[0]][0].shape[0])
+        return Delta(params=params, factors=pieces, info={"loss": loss, "tokens": tokens})

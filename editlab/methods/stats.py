@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from editlab.models.loading import DTYPES, LoadedModel
 from editlab.methods.tracing import StopForward, trace
+from editlab.models.loading import DTYPES, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class KeyStatistics:
 
     def path(self, key: StatsKey) -> Path:
         safe = key.model_id.replace("/", "--").replace(":", "-")
-        return self.dir / f"{safe}-L{key.layer}-{key.corpus}-{key.n_tokens}-{key.max_len}-{key.dtype}-{key.digest()}.safetensors"
+        name = f"{safe}-L{key.layer}-{key.corpus}-{key.n_tokens}-{key.max_len}-{key.dtype}-{key.digest()}"
+        return self.dir / f"{name}.safetensors"
 
     def ensure(self, lm: LoadedModel, layers: list[int], n_tokens: int, max_len: int, dtype: str,
                texts_factory) -> None:

@@ -195,8 +195,8 @@ class CachedSuffix:
         ids, mask, pos = (t.to(device) for t in left_aligned(problem, c, lm.tok.pad_token_id))
         self.owner = torch.tensor(problem.owner, device=device)
         self.read_rows = torch.tensor(problem.read_rows, device=device)
-        self.read_cols = torch.tensor([col - problem.subject[r] for r, col in zip(problem.read_rows, problem.read_cols)],
-                                      device=device)
+        cols = [col - problem.subject[r] for r, col in zip(problem.read_rows, problem.read_cols)]
+        self.read_cols = torch.tensor(cols, device=device)
         self.module = lm.model.get_submodule(module)
         self.blocks = list(lm.table.module(lm.table.spec.layers))[layer:]
         self.cache_kw = cache_keyword(lm.model)

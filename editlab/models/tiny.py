@@ -11,8 +11,8 @@ types, each with its own mask (and, in gemma3_text, its own rotary embedding).
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,

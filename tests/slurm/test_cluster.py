@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tracking import by_type, read_finished  # W&B offline-file reader (tests/test_tracking.py)
 
 from editlab.checkpoint import committed_checkpoints, read_checkpoint
-
-from test_tracking import by_type, read_finished  # W&B offline-file reader (tests/test_tracking.py)
 
 from .conftest import ROOT
 
