@@ -122,8 +122,7 @@ def test_encore_stops_once_targets_are_the_argmax(tmp_path, data_root):
 
     early, = search_deltas(Boosted(), problem, editor.hp, editor.target_options()["argmax_patience"], False, 0.0)
     full, = search_deltas(Boosted(), problem, editor.hp, 0, False, 0.0)
-    assert editor.target_options() == {"argmax_patience": editor.hp.mpes_patience}
-    assert editor.hp.mpes_patience == 2
+    assert editor.target_options()["argmax_patience"] == editor.hp.v_argmax_patience == 2
     assert early.info["v_steps"] == 1  # the argmax held at steps 0 and 1
     assert full.info["v_steps"] == 14
 

@@ -2,7 +2,8 @@
 
 MEMIT with two changes against overfitting and norm growth:
 * most-probable early stopping (MPES): the target optimisation stops once every target token is
-  the argmax on every rewriting prompt for ``mpes_patience`` consecutive steps;
+  the argmax on every rewriting prompt for ``v_argmax_patience`` consecutive steps (the switch
+  ROME and MEMIT have too, off there by default, on here);
 * a norm constraint in the layer solve, with the keys of past edits preserved as well:
   Δ = R Kᵀ (λ C + K_p K_pᵀ + K Kᵀ + λ_n I)⁻¹, minimiser of
   ‖Δ K − R‖² + λ tr(Δ C Δᵀ) + ‖Δ K_p‖² + λ_n ‖Δ‖²_F.
@@ -20,13 +21,13 @@ from editlab.registry import register_method
 
 @dataclass(frozen=True)
 class ENCOREHparams(MEMITHparams):
-    mpes_patience: int = 2
+    v_argmax_patience: int = 2  # MPES: on by default for ENCORE
     norm_constraint: float = 10.0  # λ_n
 
     def validate(self) -> None:
         super().validate()
-        if self.mpes_patience < 1 or self.norm_constraint < 0:
-            raise ValueError("encore needs mpes_patience >= 1 and norm_constraint >= 0")
+        if self.v_argmax_patience < 1 or self.norm_constraint < 0:
+            raise ValueError("encore needs v_argmax_patience >= 1 (its MPES) and norm_constraint >= 0")
 
 
 def encore_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float, past: torch.Tensor,
@@ -39,9 +40,6 @@ def encore_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
 
 @register_method("encore", hparams=ENCOREHparams)
 class ENCOREEditor(PastKeysEditor):
-    def target_options(self):
-        return {"argmax_patience": self.hp.mpes_patience}
-
     def solve(self, layer, keys, resid, lm):
         dev = lm.table.mlp_out_weight(layer).device  # the factors meet this weight
         past = self.past.get(layer, keys.shape[0], dev)
