@@ -95,6 +95,11 @@ class EvalConfig:
     downstream_likelihood: bool = True  # cheaper: compare label-word likelihoods
     generate_tokens: int = 3
     batch_size: int = 32
+    # Fluency (n-gram entropy of sampled text, logged as gen/fluency): the first fluency_prompts
+    # generation prompts of the stream's records, top-5 sampling to fluency_tokens tokens in all.
+    fluency_every: int = 0
+    fluency_prompts: int = 20
+    fluency_tokens: int = 100
     confirm_disabling: bool = False  # re-apply each disabling edit alone to the unedited model
     # Collapse detection (editlab/evaluate/collapse.py): single-step distance jumps measured
     # against the running median of earlier jumps.

@@ -18,6 +18,7 @@ from editlab.data import build_requests
 from editlab.deltas import WeightWriter
 from editlab.errors import StreamStopped
 from editlab.evaluate.evaluator import Evaluator
+from editlab.evaluate.fluency import generation_prompts
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
 from editlab.models.loading import layer_count
@@ -49,6 +50,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     editor = build_editor(cfg.method, cfg.model.name, ctx)
     requests = build_requests(cfg.data, cfg.sample)
+    if cfg.eval.fluency_every > 0:
+        generation_prompts(requests, cfg.eval.fluency_prompts)
     lm = load_model(cfg.model, cfg.cache_dir, seed=cfg.seed)
     editor.prepare(lm, requests)
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # Metric namespaces; each becomes a W&B panel section plotted against ``edit``, as does a
 # ``window<w>`` per configured ``eval.windows`` entry (see :func:`namespaces`).
-NAMESPACES = ("edit", "forget", "downstream", "distance", "time", "method", "collapse")
+NAMESPACES = ("edit", "forget", "downstream", "gen", "distance", "time", "method", "collapse")
 RUN_ID_FILE = "wandb_run_id"
 
 

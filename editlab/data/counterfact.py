@@ -63,6 +63,7 @@ def parse_original(rec: dict, file: Path, position: int) -> EditRequest:
         target_true=_text(rec, rr + ("target_true", "str"), file, cid).strip(),
         paraphrase_prompts=_texts(rec, "paraphrase_prompts", file, cid),
         neighborhood_prompts=_texts(rec, "neighborhood_prompts", file, cid),
+        generation_prompts=_texts(rec, "generation_prompts", file, cid),
         relation_id=rec["requested_rewrite"].get("relation_id"),
     )
 

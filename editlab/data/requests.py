@@ -15,6 +15,7 @@ class EditRequest:
     target_true: str
     paraphrase_prompts: tuple[str, ...] = field(default_factory=tuple)
     neighborhood_prompts: tuple[str, ...] = field(default_factory=tuple)
+    generation_prompts: tuple[str, ...] = field(default_factory=tuple)  # fluency rounds (original schema)
     relation_id: str | None = None
 
     @property

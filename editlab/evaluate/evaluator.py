@@ -17,6 +17,7 @@ from editlab.deltas import WeightWriter
 from editlab.errors import BadEdit, EditFailed
 from editlab.evaluate.collapse import Jump, collapse_onset, jumps
 from editlab.evaluate.downstream import DownstreamEval
+from editlab.evaluate.fluency import FluencyEval, generation_prompts
 from editlab.evaluate.forgetting import ForgetTracker
 from editlab.evaluate.rewrite import score_requests
 from editlab.evaluate.schedule import due
@@ -46,6 +47,10 @@ class Evaluator:
                     lm, glue_dir, list(cfg.downstream_tasks), cfg.downstream_n, batch_size=cfg.batch_size,
                     gen_tokens=cfg.generate_tokens, generate=cfg.downstream_generate,
                     likelihood=cfg.downstream_likelihood)
+        self.fluency = None
+        if cfg.fluency_every > 0:
+            prompts = generation_prompts(self.requests, cfg.fluency_prompts)
+            self.fluency = FluencyEval(prompts, max_len=cfg.fluency_tokens)
         # (edit, value) curves for collapse detection
         self.history: dict[str, list[tuple[int, float]]] = {"distance": [], "efficacy": [], "downstream": []}
 
@@ -113,6 +118,8 @@ class Evaluator:
             self.history["distance"].append((now, metrics.get("distance/mean", 0.0)))
         if self.forget is not None and due(self.cfg.forget_every, prev, now, self.n_edits) and prev > 0:
             metrics.update(self.forget.round(self.lm.model, self.lm.tok, self.requests[:prev], now))
+        if self.fluency is not None and due(self.cfg.fluency_every, prev, now, self.n_edits):
+            metrics.update(self.fluency.round(self.lm.model, self.lm.tok))
         if self.downstream is not None and due(self.cfg.downstream_every, prev, now, self.n_edits):
             scores = self.downstream.round()
             metrics.update(scores)
