@@ -1,7 +1,7 @@
 """``editlab plot run_dir=... [run_dir=...] [out=...]``: the paper's figures as PNG files.
 
 Reads each run dir's ``metrics.jsonl`` and draws, per model, the windowed efficacy/paraphrase/
-neighborhood curves, forgetting, downstream F1 per task and weight distance per edited matrix
+neighborhood curves, forgetting, downstream F1 per task, fluency and weight distance per edited matrix
 against the number of edits, runs overlaid and coloured by method; then one ``report.html``
 showing the figures and the paper's Table 3.  A panel whose metric no run logged is left out.
 Uses matplotlib's object API (no pyplot), so nothing global changes in the calling process.
@@ -81,6 +81,9 @@ def figure_specs(runs: list[RunResult]) -> dict[str, tuple[str, list[Panel]]]:
     figs["downstream"] = ("Downstream few-shot F1 vs edits", [
         *([Panel("mean over tasks F1", _task_lines("mean"), "F1", SCORE_LIMITS, styles)] if len(tasks) > 1 else []),
         *[Panel(f"{task_title(t)} F1", _task_lines(t), "F1", SCORE_LIMITS, styles) for t in tasks]])
+
+    figs["fluency"] = ("Fluency of sampled text vs edits (a collapsed model repeats itself)", [
+        Panel("n-gram entropy (2/3·H₂ + 4/3·H₃) / 2", _fixed("gen/fluency"), "bits")])
 
     params = sorted({k[len("distance/"):] for r in runs for k in r.keys("distance/")
                      if not k.startswith("distance/relative") and k != "distance/mean"})

@@ -49,6 +49,7 @@ def write_synthetic_run(run_dir: Path, method: str, model: str = "tiny-gpt2", sa
             rec.update({f"downstream/{t}/f1_gen": f1 - 0.02 * i for i, t in enumerate(TASKS)})
             rec.update({f"downstream/{t}/f1_lik": f1 + 0.05 for t in TASKS})
             rec.update({f"downstream/{t}/invalid": 0.1 for t in TASKS})
+            rec["gen/fluency"] = 2.0 if broken else 5.5 - 0.5 * e / n
             for kind in ("gen", "lik"):
                 rec[f"downstream/mean_f1_{kind}"] = sum(rec[f"downstream/{t}/f1_{kind}"] for t in TASKS) / len(TASKS)
         recs.append(rec)
@@ -74,7 +75,8 @@ def test_plots_from_two_runs_have_every_panel(two_runs, tmp_path):
     out = tmp_path / "plots"
     index = plot_runs(two_runs, out)
     figs = index["models"]["tiny-gpt2"]
-    assert set(figs) == {"rewrite", "rewrite_magnitude", "forgetting", "downstream", "distance", "distance_relative"}
+    assert set(figs) == {"rewrite", "rewrite_magnitude", "forgetting", "downstream", "fluency", "distance",
+                         "distance_relative"}
     for f in figs.values():
         png = out / f["file"]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
