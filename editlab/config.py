@@ -144,7 +144,9 @@ class DataConfig:
 @dataclass
 class StreamConfig:
     on_bad_edit: str = "skip"  # skip | stop
-    max_delta_norm: float = 1e4  # an edit whose Frobenius norm exceeds this is not applied
+    # null: every finite delta is applied, however large (a disabling edit is what the study
+    # measures; NaN/Inf are still refused); a number refuses a delta whose Frobenius norm exceeds it.
+    max_delta_norm: Optional[float] = None
     progress: Optional[bool] = None  # null = a tqdm bar only when stderr is a terminal
 
 

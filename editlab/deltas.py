@@ -36,9 +36,9 @@ class Delta:
 class WeightWriter:
     """Checks each delta and writes ``base + cumulative`` into the model; also resets and restores."""
 
-    def __init__(self, model: nn.Module, max_delta_norm: float = math.inf, journal=None):
+    def __init__(self, model: nn.Module, max_delta_norm: float | None = None, journal=None):
         self.model = model
-        self.max_delta_norm = max_delta_norm
+        self.max_delta_norm = math.inf if max_delta_norm is None else max_delta_norm
         self.journal = journal
         self.base: dict[str, torch.Tensor] = {}  # copies of the original weights of edited params
         self.cumulative: dict[str, torch.Tensor] = {}
@@ -49,18 +49,22 @@ class WeightWriter:
             raise KeyError(f"delta names unknown parameter {name!r}")
         return self._params[name]
 
-    def check(self, delta: Delta) -> None:
+    def check(self, delta: Delta) -> dict[str, float]:
+        """Refuse a bad delta (:class:`BadEdit`); else the Frobenius norm of each matrix's update."""
+        norms = {}
         for name, d in delta.params.items():
             p = self.param(name)
             if d.shape != p.shape:
                 raise BadEdit(f"delta for {name} has shape {tuple(d.shape)}, parameter has {tuple(p.shape)}")
             if not torch.isfinite(d).all():
                 raise BadEdit(f"delta for {name} has NaN or Inf")
-            norm = float(d.float().norm())
-            if norm > self.max_delta_norm:
-                raise BadEdit(f"delta for {name} has norm {norm:.3g} > stream.max_delta_norm={self.max_delta_norm:g}")
+            norms[name] = float(d.float().norm())
+            if norms[name] > self.max_delta_norm:
+                raise BadEdit(f"delta for {name} has norm {norms[name]:.3g} > "
+                              f"stream.max_delta_norm={self.max_delta_norm:g}")
         for name, pairs in delta.factors.items():
             self.check_factors(delta, name, pairs)
+        return norms
 
     @staticmethod
     def check_factors(delta: Delta, name: str, pairs) -> None:
@@ -80,9 +84,10 @@ class WeightWriter:
             raise BadEdit(f"factors of {name} do not reproduce its delta (error {err:.3g}, delta norm {norm:.3g})")
 
     @torch.no_grad()
-    def apply(self, delta: Delta, span: tuple[int, int] | None = None) -> None:
-        """Add ``delta``; ``span`` = (first, last) edit it makes, for the journal."""
-        self.check(delta)  # all-or-nothing: nothing is written unless every piece is good
+    def apply(self, delta: Delta, span: tuple[int, int] | None = None) -> dict[str, float]:
+        """Add ``delta``; ``span`` = (first, last) edit it makes, for the journal.  Returns the
+        Frobenius norm of each matrix's update, so that a disabling edit stands out in the logs."""
+        norms = self.check(delta)  # all-or-nothing: nothing is written unless every piece is good
         if self.journal is not None and span is not None:
             self.journal.record(span[0], span[1], delta)
         for name, d in delta.params.items():
@@ -92,6 +97,7 @@ class WeightWriter:
                 self.cumulative[name] = torch.zeros_like(p, dtype=torch.float32)
             self.cumulative[name] += d.to(self.cumulative[name])
             p.copy_(self.base[name] + self.cumulative[name].to(p.dtype))
+        return norms
 
     @torch.no_grad()
     def restore(self, cumulative: dict[str, torch.Tensor]) -> None:

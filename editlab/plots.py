@@ -95,6 +95,9 @@ def figure_specs(runs: list[RunResult]) -> dict[str, tuple[str, list[Panel]]]:
         *([Panel("mean over edited matrices", _fixed("distance/relative_mean"), "relative distance", auto_log=True)]
           if several else []),
         *[Panel(_short(p), _fixed(f"distance/relative/{p}"), "relative distance", auto_log=True) for p in params]])
+    updated = sorted({k[len("method/delta_norm/"):] for r in runs for k in r.keys("method/delta_norm/")})
+    figs["delta_norm"] = ("Norm of each step's update vs edits: ‖ΔW‖_F (a disabling edit is a spike)", [
+        Panel(_short(p), _fixed(f"method/delta_norm/{p}"), "‖ΔW‖_F", auto_log=True) for p in updated])
     return figs
 
 

@@ -104,8 +104,9 @@ class EditStream:
         metrics: dict[str, Any] = {}
         try:
             delta = self.editor.apply(self.lm, batch)
-            self.weights.apply(delta, span=(prev + 1, now))
+            norms = self.weights.apply(delta, span=(prev + 1, now))
             metrics.update({f"method/{k}": v for k, v in delta.info.items()})
+            metrics.update({f"method/delta_norm/{name}": n for name, n in norms.items()})
             metrics["edit/failed"] = 0
         # A singular solve mid-stream is a failed edit of that request, not the end of the run.
         except (BadEdit, EditFailed, torch.linalg.LinAlgError) as e:

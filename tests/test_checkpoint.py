@@ -12,7 +12,8 @@ from conftest import compose
 from editlab import checkpoint as ck
 from editlab import errors
 from editlab.config import resolve_hparams
-from editlab.errors import StreamStopped
+from editlab.deltas import Delta, WeightWriter
+from editlab.errors import BadEdit, StreamStopped
 from editlab.methods.ft import FTEditor, FTHparams
 from editlab.run import run
 
@@ -224,3 +225,20 @@ def test_norm_bound_rejects_an_exploding_edit(tmp_path, data_root):
     reasons = json.loads((tmp_path / "failed_edits.json").read_text())
     assert all("stream.max_delta_norm=1e-06" in f["reason"] for f in reasons)
     assert ck.read_checkpoint(tmp_path / "checkpoints" / "ckpt-0000002").deltas == {}
+
+
+def test_by_default_any_finite_delta_is_applied_and_its_norm_logged(tmp_path, data_root):
+    assert compose(*TINY).stream.max_delta_norm is None
+    model = torch.nn.Linear(3, 2, bias=False)
+    weights = WeightWriter(model)
+    huge = torch.full((2, 3), 1e30)  # a disabling edit: measured, not refused
+    assert weights.apply(Delta(params={"weight": huge}))["weight"] == pytest.approx(float(huge.norm()))
+    with pytest.raises(BadEdit, match="NaN or Inf"):
+        weights.apply(Delta(params={"weight": torch.full((2, 3), float("nan"))}))
+
+    tiny_run(tmp_path, n=1)
+    logged = {k[len("method/delta_norm/"):]: v for k, v in metrics(tmp_path)[-1].items()
+              if k.startswith("method/delta_norm/")}
+    applied = ck.read_checkpoint(tmp_path / "checkpoints" / "ckpt-0000001").deltas  # one edit: its delta
+    assert logged.keys() == applied.keys() and logged
+    assert all(logged[k] == pytest.approx(float(applied[k].norm()), rel=1e-6) for k in logged)

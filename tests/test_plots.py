@@ -30,6 +30,8 @@ def write_synthetic_run(run_dir: Path, method: str, model: str = "tiny-gpt2", sa
         r = {"es": float(rng.random() < p_es), "ps": float(rng.random() < p_es - 0.2), "ns": float(rng.random() < 0.6)}
         r.update({f"{k}_mag": v * 0.3 - 0.1 for k, v in r.items()})
         rec = {"edit": e, "edit/failed": 0, "method/loss": 1.0 / e, "time/edit_s": 0.1, "time/eval_s": 0.05,
+               **{f"method/delta_norm/model.layers.{L}.mlp.down_proj.weight": 1e3 if e == collapse else 1.0
+                  for L in layers},
                **{f"edit/{k}": v for k, v in r.items()}}
         for w, d in windows.items():
             d.append(r)
@@ -76,7 +78,8 @@ def test_plots_from_two_runs_have_every_panel(two_runs, tmp_path):
     index = plot_runs(two_runs, out)
     figs = index["models"]["tiny-gpt2"]
     assert set(figs) == {"rewrite", "rewrite_magnitude", "forgetting", "downstream", "fluency", "distance",
-                         "distance_relative"}
+                         "distance_relative", "delta_norm"}
+    assert figs["delta_norm"]["panels"] == [f"layers.{L}.mlp.down_proj" for L in (3, 4, 5)]
     for f in figs.values():
         png = out / f["file"]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
