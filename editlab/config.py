@@ -134,7 +134,7 @@ class DataConfig:
     # For users with internet: fetch a missing CounterFact / sample-orders file from its public URL
     # (the full counterfact.json; point data.counterfact at e.g. counterfact/counterfact.json).
     download: bool = False
-    counterfact_url: str = "https://rome.baulab.info/data/dsets/counterfact.json"
+    counterfact_url: Optional[str] = "https://rome.baulab.info/data/dsets/counterfact.json"
     sample_orders_url: str = (
         "https://raw.githubusercontent.com/scalable-model-editing/gradual-catastrophic-forgetting/"
         "32eaa57ca105ea65a4f3bd86eeb7f4234f173ec8/counterfact_sampled_unique_10_20391.json"

@@ -256,3 +256,19 @@ def test_default_urls_are_the_public_ones():
     assert d.counterfact_url == "https://rome.baulab.info/data/dsets/counterfact.json"
     assert d.sample_orders_url.endswith("gradual-catastrophic-forgetting/"
                                         "32eaa57ca105ea65a4f3bd86eeb7f4234f173ec8/counterfact_sampled_unique_10_20391.json")
+
+
+def test_the_reduced_schema_split_feeds_streams_past_9000_edits(data_root):
+    cfg = compose("data=counterfact_edit", "sample=3", "sample.n_edits=9000")
+    reqs = build_requests(cfg.data, cfg.sample)
+    assert len(reqs) == 9000 and len({r.subject.lower() for r in reqs}) == 9000
+    assert all(len(r.paraphrase_prompts) == 1 and len(r.neighborhood_prompts) == 1 for r in reqs[:100])
+    assert not any(r.generation_prompts for r in reqs[:100])  # what the reduced schema lacks
+    with pytest.raises(DataError, match="only 9307 distinct-subject records"):
+        build_requests(cfg.data, compose("data=counterfact_edit", "sample.n_edits=10000").sample)
+
+
+def test_a_missing_data_file_names_itself_and_the_download_switch(tmp_path):
+    cfg = compose("data=counterfact_edit", f"data.root={tmp_path}", "data.download=true")
+    with pytest.raises(FileNotFoundError, match=r"counterfact-edit.json does not exist.*data.download=true cannot"):
+        build_requests(cfg.data, cfg.sample)

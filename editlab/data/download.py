@@ -38,7 +38,6 @@ def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
         return path
     if allow_download and url:
         return download(url, path)
-    raise FileNotFoundError(
-        f"{path} does not exist; set EDITLAB_DATA/data.root to the data folder, "
-        "or pass data.download=true to fetch it"
-    )
+    fetch = ("or pass data.download=true to fetch it" if url else
+             "data.download=true cannot fetch it: no download URL is configured for it")
+    raise FileNotFoundError(f"{path} does not exist; set EDITLAB_DATA/data.root to the data folder, {fetch}")
