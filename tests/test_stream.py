@@ -58,7 +58,7 @@ def test_run_in_process_with_batched_steps(tmp_path, data_root):
 
 
 class Quiet:
-    """Editor, evaluator, weight writer and tracker at once, doing nothing: the test is about the terminal."""
+    """Editor, evaluator and tracker at once, doing nothing: the test is about the terminal."""
 
     name = "quiet"
     windows: dict = {}
@@ -78,6 +78,13 @@ class Quiet:
         pass
 
 
+class QuietWeights:
+    """A weight writer that writes nothing and so measures no norms."""
+
+    def apply(self, delta, span):
+        return {}
+
+
 def test_log_lines_print_above_the_progress_bar(capsys):
     import logging
 
@@ -88,7 +95,7 @@ def test_log_lines_print_above_the_progress_bar(capsys):
     root.addHandler(console)
     root.setLevel(logging.INFO)
     try:
-        stream = EditStream(None, Quiet(), [None] * 3, Quiet(), Quiet(), Quiet(), progress=True)
+        stream = EditStream(None, Quiet(), [None] * 3, Quiet(), Quiet(), QuietWeights(), progress=True)
         stream.on_step.append(lambda s: logging.getLogger("editlab.checkpoint").info("checkpoint saved"))
         stream.run()
     finally:
