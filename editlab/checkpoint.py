@@ -50,8 +50,8 @@ TENSOR_REF = "__tensor__"
 # What may legitimately differ between a run and its resume: where files are, how progress is
 # shown or tracked, checkpoint cadence, the device(s), eval batching, and skip-vs-stop after a bad edit.
 VOLATILE = ("run_dir", "resume", "cache_dir", "checkpoint", "tracker", "stream.progress", "stream.on_bad_edit",
-            "data.root", "data.download", "data.counterfact_url", "model.device", "model.device_map", "eval.batch_size",
-            "hydra")
+            "data.root", "data.download", "data.counterfact_url", "data.zsre_url", "model.device", "model.device_map",
+            "eval.batch_size", "hydra")
 
 
 # -- config identity -----------------------------------------------------------------------
@@ -65,6 +65,11 @@ def hashed_config(resolved: dict) -> dict:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    data = out.get("data")
+    if isinstance(data, dict) and data.get("dataset", "counterfact") == "counterfact":
+        # A CounterFact run reads no zsRE file: its hash (and older checkpoints') names none.
+        for key in ("dataset", "zsre", "zsre_url"):
+            data.pop(key, None)
     return out
 
 

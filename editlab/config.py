@@ -139,6 +139,12 @@ class DataConfig:
         "https://raw.githubusercontent.com/scalable-model-editing/gradual-catastrophic-forgetting/"
         "32eaa57ca105ea65a4f3bd86eeb7f4234f173ec8/counterfact_sampled_unique_10_20391.json"
     )
+    # Which edits the stream takes: counterfact (the files above) or zsre (docs/data.md, "zsRE").
+    dataset: str = "counterfact"
+    zsre: str = "zsre/zsre_mend_eval_portability_gpt4.json"
+    # ROME's copy of MEND's full zsre_mend_eval.json (19,086 records); fetched only into a
+    # data.zsre of that file name, never in place of another file.
+    zsre_url: Optional[str] = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 
 
 @dataclass

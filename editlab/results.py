@@ -166,7 +166,7 @@ def table3(run: RunResult) -> dict[str, Any]:
     end = collapse - 1 if collapse is not None else n_edits  # edits before the collapsing one (batch size 1)
     row: dict[str, Any] = {"collapsed": collapse is not None, "edits_before_collapse": max(end, 0), "n_edits": n_edits}
 
-    es = run.series.get("edit/es")
+    es = run.series.get("edit/es", run.series.get("edit/rewrite_acc"))  # zsRE: rewrite token accuracy
     if es is not None:
         keep = (es[0] >= 1) & (es[0] <= max(end, 1))
         row["efficacy_until_collapse"] = float(es[1][keep].mean() * 100) if keep.any() else None

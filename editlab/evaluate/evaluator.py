@@ -21,6 +21,7 @@ from editlab.evaluate.fluency import FluencyEval, generation_prompts
 from editlab.evaluate.forgetting import ForgetTracker
 from editlab.evaluate.rewrite import score_requests
 from editlab.evaluate.schedule import due
+from editlab.evaluate.zsre import ZsreScorer
 from editlab.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,16 @@ class Evaluator:
         self.requests = list(requests)  # the whole stream, in order (forgetting re-scores a prefix)
         self.n_edits = len(self.requests)
         self.windows = {w: deque(maxlen=w) for w in cfg.windows}
+        datasets = {r.dataset for r in self.requests}
+        if len(datasets) > 1:
+            raise ValueError(f"one stream mixes requests of datasets {sorted(datasets)}: they are scored differently")
+        # zsRE is scored by token accuracy, its locality against the unedited model's predictions,
+        # which ZsreScorer takes now: the evaluator is built before any edit (or restored delta).
+        self.zsre = ZsreScorer(lm.model, lm.tok, self.requests, cfg.batch_size) if datasets == {"zsre"} else None
+        self.windowed, self.efficacy_key = (self.zsre.metrics, self.zsre.efficacy) if self.zsre else (WINDOWED, "es")
         self.forget = ForgetTracker(cfg.forget_paraphrase, cfg.batch_size) if cfg.forget_every > 0 else None
+        if self.forget is not None and self.zsre is not None:
+            self.forget.scorer = self.zsre.facts  # earlier edits re-scored by the same token accuracy
         self.downstream: DownstreamEval | None = None
         if cfg.downstream_every > 0 and cfg.downstream_tasks:
             if glue_dir is None:
@@ -71,6 +81,8 @@ class Evaluator:
 
     # -- measurements --------------------------------------------------------------------
     def new_edit_scores(self, batch: Sequence[EditRequest]) -> list[dict[str, float]]:
+        if self.zsre is not None:
+            return self.zsre.score(self.lm.model, self.lm.tok, batch)
         return score_requests(self.lm.model, self.lm.tok, batch, batch_size=self.cfg.batch_size)
 
     def distance_metrics(self) -> dict[str, float]:
@@ -96,12 +108,12 @@ class Evaluator:
             for key in per_request[0]:
                 vals = [r[key] for r in per_request if key in r]
                 metrics[f"edit/{key}"] = sum(vals) / len(vals)
-            self.history["efficacy"].append((now, metrics["edit/es"]))
+            self.history["efficacy"].append((now, metrics[f"edit/{self.efficacy_key}"]))
             for r in per_request:
                 for d in self.windows.values():
-                    d.append({k: r[k] for k in WINDOWED if k in r})
+                    d.append({k: r[k] for k in self.windowed if k in r})
             for w, d in self.windows.items():
-                for key in WINDOWED:
+                for key in self.windowed:
                     vals = [x[key] for x in d if key in x]
                     if vals:
                         metrics[f"window{w}/{key}"] = sum(vals) / len(vals)

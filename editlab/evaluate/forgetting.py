@@ -12,7 +12,7 @@ forgotten (its forget index) and every round's outcome vector.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -24,6 +24,10 @@ from editlab.evaluate.scoring import score_pairs
 class FactScore:
     es: bool  # the rewrite prompt holds
     ps: list[bool]  # each paraphrase prompt holds
+    # The token accuracies behind es/ps where the scorer measures them (zsRE, evaluate/zsre.py:
+    # a prompt holds when every target token is the argmax); None under the NLL test.
+    acc: float | None = None
+    ps_acc: list[float] | None = None
 
 
 def fact_scores(model, tok, requests: Sequence[EditRequest], paraphrase: bool = True,
@@ -47,8 +51,10 @@ def _frac(num: int, den: int) -> float:
 
 
 class ForgetTracker:
-    def __init__(self, paraphrase: bool = True, batch_size: int = 64):
+    def __init__(self, paraphrase: bool = True, batch_size: int = 64,
+                 scorer: Callable[..., list[FactScore]] = fact_scores):
         self.paraphrase = paraphrase
+        self.scorer = scorer  # (model, tok, requests, paraphrase, batch_size) -> a FactScore per request
         self.batch_size = batch_size
         self.made: list[FactScore] = []  # per edit in stream order, scored right after it was made
         self.forget_at: list[int | None] = []  # edit count of the round that first found it lost
@@ -56,7 +62,7 @@ class ForgetTracker:
 
     def record(self, model, tok, requests: Sequence[EditRequest]) -> None:
         """Score the facts of a step just made (in stream order)."""
-        self.made += fact_scores(model, tok, requests, self.paraphrase, self.batch_size)
+        self.made += self.scorer(model, tok, requests, self.paraphrase, self.batch_size)
         self.forget_at += [None] * len(requests)
 
     def round(self, model, tok, earlier: Sequence[EditRequest], now: int) -> dict[str, float]:
@@ -66,7 +72,7 @@ class ForgetTracker:
             return {}
         if n > len(self.made):
             raise RuntimeError(f"forgetting round over {n} edits but only {len(self.made)} were recorded")
-        cur = fact_scores(model, tok, earlier, self.paraphrase, self.batch_size)
+        cur = self.scorer(model, tok, earlier, self.paraphrase, self.batch_size)
         made = self.made[:n]
         eligible = [i for i in range(n) if made[i].es]
         lost = [i for i in eligible if not cur[i].es]
@@ -85,6 +91,11 @@ class ForgetTracker:
             m.update({"forget/para_eligible": len(held), "forget/para_count": p_lost,
                       "forget/para_frac": _frac(p_lost, len(held)),
                       "forget/para_retention": _frac(sum(sum(c.ps) for c in cur), n_prompts)})
+        if cur[0].acc is not None:  # token-accuracy facts (zsRE): their mean accuracy now
+            m["forget/rewrite_acc"] = sum(c.acc for c in cur) / len(cur)
+            para = [a for c in cur for a in c.ps_acc or ()]
+            if para:
+                m["forget/rephrase_acc"] = sum(para) / len(para)
         return m
 
     def state_dict(self) -> dict[str, Any]:
