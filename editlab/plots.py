@@ -34,6 +34,7 @@ from editlab.results import (
     rewrite_panels,
     table3,
     task_title,
+    zsre_panels,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ def figure_specs(runs: list[RunResult]) -> dict[str, tuple[str, list[Panel]]]:
         Panel(t, _fixed(k), "score", SCORE_LIMITS) for t, k in rewrite_panels(windows)])
     figs["rewrite_magnitude"] = ("Rewrite magnitudes vs edits (probability differences)", [
         Panel(t, _fixed(k), "Δ probability") for t, k in rewrite_panels(windows, magnitude=True)])
+
+    figs["zsre"] = ("zsRE token accuracy vs edits (mean over the last w edits)", [
+        Panel(t, _fixed(k), "token accuracy", SCORE_LIMITS) for t, k in zsre_panels(windows)])
 
     figs["forgetting"] = ("Forgetting of earlier edits vs edits", [
         Panel(title, _fixed(key), ylabel) for key, title, ylabel in FORGET_PANELS])

@@ -186,12 +186,16 @@ def table3(run: RunResult) -> dict[str, Any]:
 
 # -- the paper's panels, shared by the local plots and the W&B report -------------------------
 SCORES = (("es", "Efficacy"), ("ps", "Paraphrase"), ("ns", "Neighborhood"))
+ZSRE_SCORES = (("rewrite_acc", "Rewrite accuracy"), ("rephrase_acc", "Rephrase accuracy"),
+               ("loc_vs_unedited", "Locality vs unedited model"), ("loc_vs_nq", "Locality vs NQ answer"))
 FORGET_PANELS = (  # (metric, title, y label); bookkeeping counts (n_earlier, eligible) are not drawn
     ("forget/frac", "Forgotten fraction of earlier edits", "fraction forgotten"),
     ("forget/count", "Forgotten earlier edits (count)", "edits forgotten"),
     ("forget/retention", "Retention of all earlier edits", "mean efficacy of earlier edits"),
     ("forget/para_frac", "Forgotten fraction (paraphrases)", "fraction forgotten"),
     ("forget/para_retention", "Retention of paraphrases", "mean paraphrase success"),
+    ("forget/rewrite_acc", "Token accuracy of earlier edits (zsRE)", "mean token accuracy"),
+    ("forget/rephrase_acc", "Token accuracy of earlier rephrasings (zsRE)", "mean token accuracy"),
 )
 TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE (NLI)", "nli": "NLI", "cola": "CoLA"}
 TABLE3_COLUMNS = (  # (key, header) in the paper's order
@@ -208,6 +212,11 @@ def rewrite_panels(windows=(5, 50), magnitude: bool = False) -> list[tuple[str, 
     suffix = "_mag" if magnitude else ""
     word = " magnitude" if magnitude else ""
     return [(f"{name}{word} (window {w})", f"window{w}/{key}{suffix}") for w in windows for key, name in SCORES]
+
+
+def zsre_panels(windows=(5, 50)) -> list[tuple[str, str]]:
+    """(title, metric) for the zsRE token accuracies per window."""
+    return [(f"{name} (window {w})", f"window{w}/{key}") for w in windows for key, name in ZSRE_SCORES]
 
 
 def task_title(task: str) -> str:
