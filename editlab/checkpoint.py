@@ -52,19 +52,31 @@ TENSOR_REF = "__tensor__"
 VOLATILE = ("run_dir", "resume", "cache_dir", "checkpoint", "tracker", "stream.progress", "stream.on_bad_edit",
             "data.root", "data.download", "data.counterfact_url", "data.zsre_url", "model.device", "model.device_map",
             "eval.batch_size", "hydra")
+# Keys added after checkpoints already existed, with the value that means "as before": at that
+# value they are left out of the hash, so older checkpoints still resume.
+ADDED_AT_DEFAULT = {"eval.forget_sample": 0, "eval.forget_sample_seed": 0}
 
 
 # -- config identity -----------------------------------------------------------------------
 def hashed_config(resolved: dict) -> dict:
     """The resolved config minus :data:`VOLATILE` keys: what must match for a resume."""
     out = json.loads(json.dumps(resolved, default=str))
-    for key in VOLATILE:
+
+    def parent(key: str) -> tuple[Any, str]:
         *parents, leaf = key.split(".")
         node = out
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
+        return node, leaf
+
+    for key in VOLATILE:
+        node, leaf = parent(key)
         if isinstance(node, dict):
             node.pop(leaf, None)
+    for key, default in ADDED_AT_DEFAULT.items():
+        node, leaf = parent(key)
+        if isinstance(node, dict) and node.get(leaf) == default:
+            node.pop(leaf)
     data = out.get("data")
     if isinstance(data, dict) and data.get("dataset", "counterfact") == "counterfact":
         # A CounterFact run reads no zsRE file: its hash (and older checkpoints') names none.

@@ -89,6 +89,10 @@ class EvalConfig:
     distance_every: int = 1
     windows: List[int] = field(default_factory=lambda: [5, 50])
     forget_paraphrase: bool = True
+    # Forgetting rounds over a fixed seeded sample of N earlier edits (0 = all of them, exact);
+    # the same seed gives every run of a sweep the same sample (editlab/evaluate/forgetting.py).
+    forget_sample: int = 0
+    forget_sample_seed: int = 0
     downstream_tasks: List[str] = field(default_factory=lambda: ["sst2", "mrpc", "rte", "cola"])
     downstream_n: int = 200  # examples per task (balanced subsets hold 200)
     downstream_generate: bool = True  # the paper's score: generate, parse, weighted F1

@@ -52,6 +52,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     requests = build_requests(cfg.data, cfg.sample)
     if cfg.eval.fluency_every > 0:
         generation_prompts(requests, cfg.eval.fluency_prompts)
+    if cfg.eval.forget_sample < 0:
+        raise ValueError(f"eval.forget_sample must be >= 0 (0 = every earlier edit), got {cfg.eval.forget_sample}")
     lm = load_model(cfg.model, cfg.cache_dir, seed=cfg.seed)
     editor.prepare(lm, requests)
 

@@ -65,6 +65,14 @@ def test_config_hash_ignores_what_a_resume_may_change():
     assert "method.lr: 0.001 -> 0.002" in ck.config_diff(a, c)
 
 
+def test_keys_added_later_hash_as_before_at_their_defaults():
+    before = {"eval": {"forget_every": 50}, "method": {"lr": 1e-3}}
+    now = {"eval": {"forget_every": 50, "forget_sample": 0, "forget_sample_seed": 0}, "method": {"lr": 1e-3}}
+    assert ck.config_hash(ck.hashed_config(now)) == ck.config_hash(ck.hashed_config(before))
+    sampled = {"eval": {"forget_every": 50, "forget_sample": 500, "forget_sample_seed": 0}, "method": {"lr": 1e-3}}
+    assert ck.config_hash(ck.hashed_config(sampled)) != ck.config_hash(ck.hashed_config(before))
+
+
 def test_rng_state_roundtrip():
     state = ck.rng_state()
     js, tensors = ck.split_tensors(state, "rng")

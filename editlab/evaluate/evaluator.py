@@ -45,7 +45,8 @@ class Evaluator:
         # which ZsreScorer takes now: the evaluator is built before any edit (or restored delta).
         self.zsre = ZsreScorer(lm.model, lm.tok, self.requests, cfg.batch_size) if datasets == {"zsre"} else None
         self.windowed, self.efficacy_key = (self.zsre.metrics, self.zsre.efficacy) if self.zsre else (WINDOWED, "es")
-        self.forget = ForgetTracker(cfg.forget_paraphrase, cfg.batch_size) if cfg.forget_every > 0 else None
+        self.forget = (ForgetTracker(cfg.forget_paraphrase, cfg.batch_size, cfg.forget_sample, cfg.forget_sample_seed)
+                       if cfg.forget_every > 0 else None)
         if self.forget is not None and self.zsre is not None:
             self.forget.scorer = self.zsre.facts  # earlier edits re-scored by the same token accuracy
         self.downstream: DownstreamEval | None = None
