@@ -52,6 +52,17 @@ bench:
 # history.jsonl and curve.png in outputs/mend/smollm2-135m; re-running resumes there.
 # 1100 steps: about 20 min on one core of this 2-core box with other jobs running (docs/mend.md).
 MEND_STEPS ?= 1100
+# The committed reproduction (docs/results.md): copy a finished or interrupted run's small files
+# into docs/results/<name> (RUN=<run dir> NAME=<name>), then redraw docs/figures from all of them.
+.PHONY: result figures
+result:
+	mkdir -p docs/results/$(NAME)
+	cd $(RUN) && cp metrics.jsonl config.json $(CURDIR)/docs/results/$(NAME)/ && \
+		for f in summary.json forgetting.json; do [ ! -f $$f ] || cp $$f $(CURDIR)/docs/results/$(NAME)/; done
+
+figures:
+	$(BIN)/python -m editlab plot run_dir=docs/results out=docs/figures
+
 .PHONY: mend-smollm2
 mend-smollm2:
 	$(BIN)/python -m editlab train-mend model=smollm2-135m mend.out_dir=outputs/mend/smollm2-135m \
