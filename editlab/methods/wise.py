@@ -309,7 +309,7 @@ class WISEEditor(Editor):
         self.side_act = min(self.side_act, in_scope)
         info = {"wise_loss": float(loss.detach()), "wise_nll": float(nll.detach()),
                 "wise_act_loss": float(act_loss.detach()), "wise_steps": float(i + (not stop)),
-                "wise_in_scope": in_scope, "wise_out_scope": float(d_out.mean())}
+                "wise_in_scope": in_scope, "wise_out_scope": float(d_out.detach().mean())}
         self.n_edits += 1
         if self.n_edits % hp.save_freq == 0:
             self._save_shard()
