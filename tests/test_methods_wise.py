@@ -163,7 +163,7 @@ def test_an_edit_takes_on_smollm2(smollm, cache_dir, data_root):
         assert score_requests(smollm.model, smollm.tok, [req], neighborhood=False)[0]["es"] == 0
         editor.apply(smollm, [req])
         assert editor.routes(smollm, [req.rewrite_prompt]) == [0]
-        # P(new) > P(true) on the edited prompt (measured: 0.98 vs ~0 after one edit)
+        # P(new) > P(true) on the edited prompt (measured: P(new) − P(true) −0.001 -> 0.94)
         assert score_requests(smollm.model, smollm.tok, [req], neighborhood=False)[0]["es"] == 1
     finally:
         editor.close()
