@@ -52,9 +52,16 @@ TENSOR_REF = "__tensor__"
 VOLATILE = ("run_dir", "resume", "cache_dir", "checkpoint", "tracker", "stream.progress", "stream.on_bad_edit",
             "data.root", "data.download", "data.counterfact_url", "data.zsre_url", "model.device", "model.device_map",
             "eval.batch_size", "hydra")
-# Keys added after checkpoints already existed, with the value that means "as before": at that
+# Keys added after checkpoints already existed, with the values that mean "as before": at such a
 # value they are left out of the hash, so older checkpoints still resume.
-ADDED_AT_DEFAULT = {"eval.forget_sample": 0, "eval.forget_sample_seed": 0}
+ADDED_AT_DEFAULT = {
+    "eval.forget_sample": (0,), "eval.forget_sample_seed": (0,),
+    # Norm-anchor scaling (off unless set); the skip factor's default is 2, ROME's 5.
+    **{f"method.{k}": (None,) for k in ("norm_anchor", "norm_anchor_samples", "norm_anchor_trim",
+                                        "norm_anchor_skip_factor")},
+    "hparams.norm_anchor": (False,), "hparams.norm_anchor_samples": (1000,), "hparams.norm_anchor_trim": (0.05,),
+    "hparams.norm_anchor_skip_factor": (2.0, 5.0),
+}
 
 
 # -- config identity -----------------------------------------------------------------------
@@ -73,9 +80,9 @@ def hashed_config(resolved: dict) -> dict:
         node, leaf = parent(key)
         if isinstance(node, dict):
             node.pop(leaf, None)
-    for key, default in ADDED_AT_DEFAULT.items():
+    for key, defaults in ADDED_AT_DEFAULT.items():
         node, leaf = parent(key)
-        if isinstance(node, dict) and node.get(leaf) == default:
+        if isinstance(node, dict) and leaf in node and node[leaf] in defaults:
             node.pop(leaf)
     data = out.get("data")
     if isinstance(data, dict) and data.get("dataset", "counterfact") == "counterfact":

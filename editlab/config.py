@@ -195,6 +195,9 @@ class MethodNode:
     reference_n_layers: Optional[int] = None  # the reference model's number of blocks
     # Another method whose per_model rows (and reference) this one starts from; see with_inherited.
     inherit: Optional[str] = None
+    # Norm-anchor scaling is a hyperparameter of the key–value methods only; every method's node
+    # takes the key so that setting it elsewhere gets editlab's error naming them, not Hydra's.
+    norm_anchor: Optional[bool] = None
 
 
 H = TypeVar("H")

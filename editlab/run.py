@@ -46,6 +46,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         data_root=Path(cfg.data.root).expanduser(),
         seed=cfg.seed,
         wikitext=cfg.data.wikitext,
+        counterfact=cfg.data.counterfact,
         n_layers=layer_count(cfg.model, cfg.cache_dir, seed=cfg.seed),
     )
     editor = build_editor(cfg.method, cfg.model.name, ctx)

@@ -16,6 +16,7 @@ Its yaml goes on Hydra's search path (``hydra.searchpath=[pkg://mypackage/conf]`
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
@@ -41,7 +42,15 @@ def build_editor(method_cfg, model_name: str, ctx: EditorContext) -> Editor:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     cls = METHODS[name]
+    if method_cfg.get("norm_anchor") and not _has_field(cls, "norm_anchor"):
+        supported = sorted(n for n, c in METHODS.items() if _has_field(c, "norm_anchor"))
+        raise ValueError(f"method.norm_anchor=true: {name} has no v*/z search to anchor; norm-anchor scaling "
+                         f"applies to {', '.join(supported)}")
     return cls(resolve_hparams(method_cfg, model_name, cls.Hparams, ctx.n_layers), ctx)
+
+
+def _has_field(cls, key: str) -> bool:
+    return key in {f.name for f in dataclasses.fields(cls.Hparams)}
 
 
 __all__ = ["METHODS", "Editor", "EditorContext", "build_editor"]

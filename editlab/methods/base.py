@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
+from editlab.config import DataConfig
 from editlab.data.requests import EditRequest
 from editlab.deltas import Delta
 from editlab.evaluate.scoring import encode
@@ -23,6 +24,7 @@ class EditorContext:
     seed: int
     wikitext: str = "wikitext/wikitext-2-raw"
     n_layers: Optional[int] = None
+    counterfact: str = DataConfig.counterfact  # under data_root; the norm anchor's sample pool
 
 
 class Editor(ABC):

@@ -4,6 +4,7 @@ statistics, request checks, and temporarily writing updates into the model while
 the same step are computed."""
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,12 +12,15 @@ from typing import Iterator, List, Sequence
 
 import torch
 
+from editlab.data.counterfact import load_counterfact
 from editlab.data.requests import EditRequest
 from editlab.data.text import corpus_texts
 from editlab.methods.base import Editor, EditorContext
 from editlab.methods.keys import subject_last_index
+from editlab.methods.norm_anchor import SEARCH_FIELDS, SEED, AnchorKey, NormAnchor, mlp_values, vstar_norms
 from editlab.methods.stats import KeyStatistics
 from editlab.methods.templates import generate_templates
+from editlab.methods.zopt import TargetResult
 from editlab.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,19 @@ class KeyValueHparams:
     mom2_n_tokens: int = 100_000
     mom2_max_len: int = 128
     mom2_dtype: str = "float32"
+    # Norm-anchor scaling (NAS; editlab.methods.norm_anchor), off = the paper's method: every v* is
+    # rescaled to ν, the trimmed mean of ‖v*‖ over norm_anchor_samples CounterFact rewrites on the
+    # unedited model; an edit with ‖v*‖ > norm_anchor_skip_factor·ν is refused as a failed edit.
+    norm_anchor: bool = False
+    norm_anchor_samples: int = 1000
+    norm_anchor_trim: float = 0.05  # the share of the largest ‖v*‖ left out of ν
+    norm_anchor_skip_factor: float = 2.0
+
+    def validate(self) -> None:
+        if self.norm_anchor_samples < 1 or not 0 <= self.norm_anchor_trim < 1 or self.norm_anchor_skip_factor < 1:
+            raise ValueError("norm anchor needs norm_anchor_samples >= 1, 0 <= norm_anchor_trim < 1 and "
+                             f"norm_anchor_skip_factor >= 1, got {self.norm_anchor_samples}, "
+                             f"{self.norm_anchor_trim}, {self.norm_anchor_skip_factor}")
 
 
 class KeyValueEditor(Editor):
@@ -56,6 +73,8 @@ class KeyValueEditor(Editor):
         self.templates: list[list[str]] | None = None
         self.stats = KeyStatistics(ctx.cache_dir, hparams.mom2_corpus)
         self.fast = True  # the cached-prefix v*/z optimisation (False = the reference's full passes)
+        self.anchor = NormAnchor(ctx.cache_dir, hparams.norm_anchor_trim, hparams.norm_anchor_skip_factor) \
+            if hparams.norm_anchor else None
 
     def prepare(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         super().prepare(lm, requests)
@@ -70,6 +89,39 @@ class KeyValueEditor(Editor):
             )
             for layer in self.hp.layers:
                 check_nonsingular(self.stats.mom2(layer), layer)
+        if self.anchor is not None:
+            self.prepare_anchor(lm)
+
+    def search_site(self, lm: LoadedModel) -> tuple[str, int]:
+        """Where the v*/z search adds δ: (module name, its block)."""
+        raise NotImplementedError
+
+    def target_options(self) -> dict:
+        """Extra keyword arguments of ``optimize_targets`` (descendants change the stopping rule)."""
+        return {"argmax_patience": self.hp.v_argmax_patience}
+
+    def prepare_anchor(self, lm: LoadedModel) -> None:
+        """ν of the norm anchor, on the unedited model, from the cache or computed (norm_anchor.py)."""
+        module, layer = self.search_site(lm)
+        options = self.target_options()
+        search = {f: getattr(self.hp, f) for f in SEARCH_FIELDS} | options
+        key = AnchorKey(lm.model_id, layer, module, self.ctx.counterfact, self.hp.norm_anchor_samples, SEED,
+                        json.dumps(search, sort_keys=True))
+
+        def compute(requests):
+            return vstar_norms(lm, requests, module, layer, self.hp, fast=self.fast, **options)
+
+        self.anchor.ensure(lm, key, lambda: list(load_counterfact(self.ctx.data_root / self.ctx.counterfact).values()),
+                           compute)
+
+    def anchored(self, lm: LoadedModel, requests: Sequence[EditRequest],
+                 results: list[TargetResult]) -> list[TargetResult]:
+        """``results`` with v* rescaled to ν when the norm anchor is on (raises EditFailed past the
+        skip bound), else as they are."""
+        if self.anchor is None:
+            return results
+        module, layer = self.search_site(lm)
+        return self.anchor.rescale(requests, results, mlp_values(lm, requests, results, module, layer))
 
     def state_dict(self):
         return {"templates": self.templates}

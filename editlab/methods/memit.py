@@ -32,6 +32,7 @@ class LayerSpreadHparams(KeyValueHparams):
     context_templates: List[List[int]] = field(default_factory=lambda: [[10, 5]])  # [length, count]
 
     def validate(self) -> None:
+        super().validate()
         if not self.layers or sorted(self.layers) != list(self.layers):
             raise ValueError(f"memit.layers must be a non-empty ascending list, got {self.layers}")
 
@@ -63,17 +64,16 @@ class MEMITEditor(KeyValueEditor):
     def targets(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict]]:
         """z for every request, at the residual output of the last edited layer: [d, n].
         All requests of the step are optimised together (one padded pass per step)."""
-        z_layer = self.hp.layers[-1]
-        block = f"{lm.table.spec.layers}.{z_layer}"
+        block, z_layer = self.search_site(lm)
         results = optimize_targets(lm, requests, self.templates, block, z_layer, self.hp, fast=self.fast,
                                    bf16=self.hp.v_bf16, **self.target_options())
         for res in results:
             self.note_target_path(res.info)
+        results = self.anchored(lm, requests, results)
         return torch.stack([r.target for r in results], 1), [r.info for r in results]
 
-    def target_options(self) -> dict:
-        """Extra keyword arguments of ``optimize_targets`` (descendants change the stopping rule)."""
-        return {"argmax_patience": self.hp.v_argmax_patience}
+    def search_site(self, lm: LoadedModel) -> tuple[str, int]:
+        return f"{lm.table.spec.layers}.{self.hp.layers[-1]}", self.hp.layers[-1]
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor,
               lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,10 @@ from editlab.registry import register_method
 class ROMEHparams(KeyValueHparams):
     variant: str = "original"  # original (the paper) | r-rome (consistent template-averaged keys)
     mom2_adjustment: bool = True  # u = C⁻¹ k̄ (false: u = k̄, and no key statistics)
+    norm_anchor_skip_factor: float = 5.0  # ROME's v* is the MLP output itself: a looser bound than MEMIT's 2
 
     def validate(self) -> None:
+        super().validate()
         if self.variant not in ("original", "r-rome"):
             raise ValueError(f"rome.variant must be 'original' or 'r-rome', got {self.variant!r}")
         if len(self.layers) != 1:
@@ -51,6 +53,9 @@ class ROMEEditor(KeyValueEditor):
     def uses_stats(self) -> bool:
         return self.hp.mom2_adjustment
 
+    def search_site(self, lm: LoadedModel) -> tuple[str, int]:
+        return lm.table.mlp_out_name(self.hp.layers[0]), self.hp.layers[0]
+
     def rank_one(self, lm: LoadedModel, req: EditRequest) -> tuple[RankOne, dict]:
         layer = self.hp.layers[0]
         module = lm.table.mlp_out_name(layer)
@@ -64,6 +69,7 @@ class ROMEEditor(KeyValueEditor):
         res, = optimize_targets(lm, [req], self.templates, module, layer, self.hp, fast=self.fast,
                                 argmax_patience=self.hp.v_argmax_patience, bf16=self.hp.v_bf16)
         self.note_target_path(res.info)
+        res, = self.anchored(lm, [req], [res])
         if self.hp.variant == "original":
             k, wk = reads.bare["in:" + module][0].double(), reads.bare[module][0].double()
         else:
