@@ -19,6 +19,7 @@ from editlab.deltas import WeightWriter
 from editlab.errors import StreamStopped
 from editlab.evaluate.evaluator import Evaluator
 from editlab.evaluate.fluency import generation_prompts
+from editlab.evaluate.forgetting import check_sample
 from editlab.methods import EditorContext, build_editor
 from editlab.models import load_model
 from editlab.models.loading import layer_count
@@ -53,8 +54,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     requests = build_requests(cfg.data, cfg.sample)
     if cfg.eval.fluency_every > 0:
         generation_prompts(requests, cfg.eval.fluency_prompts)
-    if cfg.eval.forget_sample < 0:
-        raise ValueError(f"eval.forget_sample must be >= 0 (0 = every earlier edit), got {cfg.eval.forget_sample}")
+    check_sample(cfg.eval.forget_sample)
     lm = load_model(cfg.model, cfg.cache_dir, seed=cfg.seed)
     editor.prepare(lm, requests)
 

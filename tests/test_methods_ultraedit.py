@@ -154,21 +154,14 @@ def test_statistics_span_every_turn_and_the_state_reproduces_the_next_delta(tmp_
 
 
 def test_bad_layers_and_hparams_are_named(tmp_path, data_root):
-    lm, editor_for, _ = _setup("tiny-gpt2", tmp_path, "method.layers=[1,7]")
-    with pytest.raises(ValueError, match=r"ultraedit\.layers: layer 7 is out of range"):
-        editor_for()
-    lm, editor_for, _ = _setup("tiny-gpt2", tmp_path, "method.mlp_modules=[c_fc:-1]")
-    with pytest.raises(ValueError, match=r"ultraedit\.mlp_modules\[c_fc:-1\]: layer -1 is out of range"):
-        editor_for()
-    lm, editor_for, _ = _setup("tiny-gpt2", tmp_path, "method.mlp_modules=[gate_proj:0]")
-    with pytest.raises(ValueError, match=r"ultraedit\.mlp_modules\[gate_proj:0\]: module .*gate_proj"):
-        editor_for()
-    lm, editor_for, _ = _setup("tiny-gpt2", tmp_path, "method.mlp_modules=[c_proj:1]")
-    with pytest.raises(ValueError, match=r"already edited"):
-        editor_for()
-    for bad, match in [("method.lr=0", "lr > 0"), ("method.layers=[1,1]", "repeats"),
-                       ("method.layers=[]", "edits nothing"),
-                       ("method.mlp_modules=[c_fc]", "is not '<name in the MLP>:<layer>'")]:
+    for bad, match in [
+        ("method.layers=[1,7]", r"ultraedit\.layers: layer 7 is out of range"),
+        ("method.mlp_modules=[c_fc:-1]", r"ultraedit\.mlp_modules\[c_fc:-1\]: layer -1 is out of range"),
+        ("method.mlp_modules=[gate_proj:0]", r"ultraedit\.mlp_modules\[gate_proj:0\]: module .*gate_proj"),
+        ("method.mlp_modules=[c_proj:1]", r"already edited"),
+        ("method.lr=0", "lr > 0"), ("method.layers=[1,1]", "repeats"), ("method.layers=[]", "edits nothing"),
+        ("method.mlp_modules=[c_fc]", "is not '<name in the MLP>:<layer>'"),
+    ]:
         with pytest.raises(ValueError, match=match):
             _setup("tiny-gpt2", tmp_path, bad)[1]()
 

@@ -1,11 +1,11 @@
 """CounterFact in the original ROME schema and in the reduced flat (EasyEdit) schema."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from editlab.data.files import read_records
 from editlab.data.requests import EditRequest
 from editlab.errors import DataError
 
@@ -91,14 +91,7 @@ def parse_flat(rec: dict, file: Path, position: int) -> EditRequest:
 def load_counterfact(file: str | Path) -> dict[int, EditRequest]:
     """All records of a CounterFact file keyed by case_id; the schema is detected per file."""
     file = Path(file)
-    if not file.exists():
-        raise FileNotFoundError(f"CounterFact file {file} does not exist (set EDITLAB_DATA or data.root)")
-    try:
-        records = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}: not valid JSON: {e}") from e
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{file}: expected a non-empty JSON list of records")
+    records = read_records(file, f"CounterFact file {file} does not exist (set EDITLAB_DATA or data.root)")
     first = records[0]
     parse = parse_original if isinstance(first, dict) and "requested_rewrite" in first else parse_flat
     out: dict[int, EditRequest] = {}

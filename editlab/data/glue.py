@@ -16,11 +16,11 @@ shot sentence occurs in the evaluation subset.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from editlab.data.files import read_records
 from editlab.errors import DataError
 
 
@@ -132,14 +132,7 @@ def load_task(glue_dir: Path, name: str, n: int | None = None) -> tuple[GlueTask
         raise ValueError(f"eval.downstream_tasks: unknown task {name!r}; known: {sorted(TASKS)}")
     task = TASKS[name]
     path = Path(glue_dir) / f"{name}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"GLUE subset {path} not found (data.glue / EDITLAB_DATA)")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a list of records")
+    records = read_records(path, f"GLUE subset {path} not found (data.glue / EDITLAB_DATA)", nonempty=False)
     records = records if n is None else records[:n]
     for i, r in enumerate(records):
         for f in (*task.fields, "label", "idx"):

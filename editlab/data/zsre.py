@@ -14,12 +14,12 @@ Unlike CounterFact streams a subject may come back: zsRE asks several questions 
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 from typing import Any
 
+from editlab.data.files import read_records
 from editlab.data.requests import EditRequest
 from editlab.errors import DataError
 
@@ -66,14 +66,7 @@ def parse_zsre(rec: Any, file: Path, i: int) -> EditRequest:
 def load_zsre(file: str | Path) -> list[EditRequest]:
     """Every record of a zsRE file in file order; a malformed one fails naming file, record, field."""
     file = Path(file)
-    if not file.exists():
-        raise FileNotFoundError(f"zsRE file {file} does not exist (set EDITLAB_DATA or data.root)")
-    try:
-        records = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}: not valid JSON: {e}") from e
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{file}: expected a non-empty JSON list of records")
+    records = read_records(file, f"zsRE file {file} does not exist (set EDITLAB_DATA or data.root)")
     out = [parse_zsre(rec, file, i) for i, rec in enumerate(records)]
     log.info("loaded %d zsRE records from %s", len(out), file)
     return out

@@ -18,7 +18,7 @@ from editlab.errors import BadEdit, EditFailed
 from editlab.evaluate.collapse import Jump, collapse_onset, jumps
 from editlab.evaluate.downstream import DownstreamEval
 from editlab.evaluate.fluency import FluencyEval, generation_prompts
-from editlab.evaluate.forgetting import ForgetTracker
+from editlab.evaluate.forgetting import ForgetTracker, fact_scores
 from editlab.evaluate.rewrite import score_requests
 from editlab.evaluate.schedule import due
 from editlab.evaluate.zsre import ZsreScorer
@@ -45,10 +45,10 @@ class Evaluator:
         # which ZsreScorer takes now: the evaluator is built before any edit (or restored delta).
         self.zsre = ZsreScorer(lm.model, lm.tok, self.requests, cfg.batch_size) if datasets == {"zsre"} else None
         self.windowed, self.efficacy_key = (self.zsre.metrics, self.zsre.efficacy) if self.zsre else (WINDOWED, "es")
-        self.forget = (ForgetTracker(cfg.forget_paraphrase, cfg.batch_size, cfg.forget_sample, cfg.forget_sample_seed)
-                       if cfg.forget_every > 0 else None)
-        if self.forget is not None and self.zsre is not None:
-            self.forget.scorer = self.zsre.facts  # earlier edits re-scored by the same token accuracy
+        # zsRE's earlier edits are re-scored by the same token accuracy.
+        scorer = self.zsre.facts if self.zsre else fact_scores
+        self.forget = (ForgetTracker(cfg.forget_paraphrase, cfg.batch_size, cfg.forget_sample, cfg.forget_sample_seed,
+                                     scorer) if cfg.forget_every > 0 else None)
         self.downstream: DownstreamEval | None = None
         if cfg.downstream_every > 0 and cfg.downstream_tasks:
             if glue_dir is None:

@@ -77,11 +77,16 @@ def sample_priority(seed: int, position: int) -> int:
     return int.from_bytes(digest, "big")
 
 
+def check_sample(sample: int) -> None:
+    """``eval.forget_sample``: 0 (every earlier edit) or a sample size."""
+    if sample < 0:
+        raise ValueError(f"eval.forget_sample must be >= 0 (0 = every earlier edit), got {sample}")
+
+
 class ForgetTracker:
     def __init__(self, paraphrase: bool = True, batch_size: int = 64, sample: int = 0, sample_seed: int = 0,
                  scorer: Callable[..., list[FactScore]] = fact_scores):
-        if sample < 0:
-            raise ValueError(f"eval.forget_sample must be >= 0 (0 = every earlier edit), got {sample}")
+        check_sample(sample)
         self.paraphrase = paraphrase
         self.scorer = scorer  # (model, tok, requests, paraphrase, batch_size) -> a FactScore per request
         self.batch_size = batch_size
