@@ -9,7 +9,8 @@ mean wall time per edit.  Runs are usually the jobs of one multirun, e.g.
     editlab compare run_dir=multirun/<time> at_edit=100
 
 A value that the run's ``eval`` schedule never measured at or before ``N`` is left empty, never
-guessed.  Methods without weight deltas (GRACE) report their adaptor's size instead of a distance.
+guessed.  Methods that leave the weights alone report their adaptor instead of a distance: GRACE the
+size of its codebook, WISE its side memory's relative distance from the weights it copies.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ COLUMNS = (  # (key, header, format)
     ("time_per_edit", "Time/edit (s)", "{:.1f}"),
     ("failed", "Failed edits", "{:d}"),
 )
-ADAPTOR_SIZE = "method/codebook_size"  # GRACE: its "distance" is the codebook it grew
+# Methods without weight deltas: the series that stands for their distance, and how it is shown.
+ADAPTORS = (
+    ("method/codebook_size", "codebook {:.0f}"),  # GRACE: the codebook it grew
+    ("method/side_distance", "side {:.4f}"),  # WISE: ‖W′ − W‖/‖W‖ of its side memory
+)
 USAGE = "editlab compare run_dir=DIR [run_dir=DIR ...] [at_edit=N] [window=50] [out=FILE.md]"
 
 
@@ -51,8 +56,11 @@ def compare_row(run: RunResult, at_edit: int, window: int = 50) -> dict[str, Any
     changes = downstream_changes(run, at_edit)
     row["downstream_change"] = float(np.mean(changes) * 100) if changes else None
     row["distance"] = value_at(run, "distance/relative_mean", at_edit)
-    if row["distance"] is None and ADAPTOR_SIZE in run.series:
-        row["adaptor_size"] = value_at(run, ADAPTOR_SIZE, at_edit)
+    if row["distance"] is None:
+        for key, fmt in ADAPTORS:
+            if key in run.series and (value := value_at(run, key, at_edit)) is not None:
+                row["adaptor"] = fmt.format(value)
+                break
     if "time/edit_s" in run.series:
         edits, secs = run.series["time/edit_s"]
         keep = (edits >= 1) & (edits <= at_edit)
@@ -64,8 +72,8 @@ def compare_row(run: RunResult, at_edit: int, window: int = 50) -> dict[str, Any
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    if key == "distance" and row.get("distance") is None and row.get("adaptor_size") is not None:
-        return f"codebook {row['adaptor_size']:.0f}"
+    if key == "distance" and row.get("distance") is None and row.get("adaptor") is not None:
+        return row["adaptor"]
     value = row.get(key)
     return "" if value is None else fmt.format(value)
 

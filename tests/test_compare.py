@@ -6,7 +6,7 @@ import json
 import pytest
 from test_plots import write_synthetic_run
 
-from editlab.compare import compare_row
+from editlab.compare import compare_row, markdown
 from editlab.compare import main as compare_main
 from editlab.results import load_run
 
@@ -38,7 +38,18 @@ def test_unmeasured_values_stay_empty_and_grace_reports_its_codebook(tmp_path):
     (run_dir / "config.json").write_text(json.dumps({"method": {"name": "grace"}}))
     row = compare_row(load_run(run_dir), at_edit=3)
     assert row["forgetting_pct"] is None and row["downstream_change"] is None and row["ps"] is None
-    assert row["distance"] is None and row["adaptor_size"] == 3.0 and row["failed"] == 1
+    assert row["distance"] is None and row["adaptor"] == "codebook 3" and row["failed"] == 1
+
+
+def test_wise_reports_its_side_memory_distance_in_the_distance_column(tmp_path):
+    run_dir = tmp_path / "wise"
+    run_dir.mkdir()
+    recs = [{"edit": 0}] + [{"edit": e, "edit/es": 1.0, "method/side_distance": 0.01 * e, "time/edit_s": 1.0}
+                            for e in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run_dir / "config.json").write_text(json.dumps({"method": {"name": "wise"}}))
+    table = markdown([compare_row(load_run(run_dir), at_edit=2)], window=50)
+    assert "| wise · " in table and "| side 0.0200 |" in table
 
 
 def test_cli_table_over_a_sweep_defaults_to_the_shortest_run(tmp_path, capsys):
