@@ -1,5 +1,6 @@
 """Config composition: every option of every group, schema checks, per-model method defaults."""
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,15 @@ def test_invalid_hparams_fail_validation():
 
 def test_conf_ships_inside_the_package():
     assert (ROOT / "editlab" / "conf" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("run", ["memit-smollm2-sample1", "rome-smollm2-sample1"])
+def test_the_curves_experiment_composes_the_committed_runs_settings(run):
+    """``experiment=smollm2_curves`` is the documented way to rerun docs/results: it must compose the
+    model, sample and eval schedule those runs recorded."""
+    saved = json.loads((ROOT / "docs" / "results" / run / "config.json").read_text())
+    cfg = compose("experiment=smollm2_curves", f"method={saved['method']['name']}",
+                  f"sample.n_edits={saved['sample']['n_edits']}")
+    for section in ("model", "sample", "eval"):
+        assert OmegaConf.to_container(cfg[section], resolve=True) == saved[section], section
+    assert cfg.tracker.name == "none" and cfg.checkpoint.every == 50
