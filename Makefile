@@ -60,8 +60,11 @@ result:
 	cd $(RUN) && cp metrics.jsonl config.json $(CURDIR)/docs/results/$(NAME)/ && \
 		for f in summary.json forgetting.json; do [ ! -f $$f ] || cp $$f $(CURDIR)/docs/results/$(NAME)/; done
 
+# The reproduction's runs (original schema, up to ~1,000 edits) and the long streams over
+# data=counterfact_edit (runs named *-edit-*) are drawn apart, so the long x axis does not squash the others.
 figures:
-	$(BIN)/python -m editlab plot run_dir=docs/results out=docs/figures
+	$(BIN)/python -m editlab plot run_dir='docs/results/*-sample1' out=docs/figures
+	$(BIN)/python -m editlab plot run_dir='docs/results/*-edit-sample1' out=docs/figures/long
 
 .PHONY: mend-smollm2
 mend-smollm2:
