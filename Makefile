@@ -63,7 +63,7 @@ result:
 # The reproduction's runs (original schema, up to ~1,000 edits) and the long streams over
 # data=counterfact_edit (runs named *-edit-*) are drawn apart, so the long x axis does not squash the others.
 figures:
-	$(BIN)/python -m editlab plot run_dir='docs/results/*-sample1' out=docs/figures
+	$(BIN)/python -m editlab plot run_dir='docs/results/*-smollm2-sample1' out=docs/figures
 	$(BIN)/python -m editlab plot run_dir='docs/results/*-edit-sample1' out=docs/figures/long
 
 .PHONY: mend-smollm2
