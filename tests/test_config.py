@@ -227,7 +227,7 @@ def test_conf_ships_inside_the_package():
     assert (ROOT / "editlab" / "conf" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("run", ["memit-smollm2-sample1", "rome-smollm2-sample1"])
+@pytest.mark.parametrize("run", sorted(p.name for p in (ROOT / "docs" / "results").glob("*-smollm2-sample1")))
 def test_the_curves_experiment_composes_the_committed_runs_settings(run):
     """``experiment=smollm2_curves`` is the documented way to rerun docs/results: it must compose the
     model, sample and eval schedule those runs recorded."""
