@@ -237,3 +237,33 @@ def test_the_curves_experiment_composes_the_committed_runs_settings(run):
     for section in ("model", "sample", "eval"):
         assert OmegaConf.to_container(cfg[section], resolve=True) == saved[section], section
     assert cfg.tracker.name == "none" and cfg.checkpoint.every == 50
+
+
+def test_the_long_stream_experiment_samples_its_forgetting_rounds():
+    """``experiment=smollm2_long`` (issue 16's 5,000-edit stream): reduced-schema data, rounds over a
+    fixed sample of 500 earlier edits, no fluency rounds (that schema has no generation prompts)."""
+    cfg = compose("experiment=smollm2_long", "method=memit", "sample.n_edits=5000")
+    assert cfg.data.counterfact.endswith("counterfact-edit.json") and cfg.model.name == "smollm2-135m"
+    assert (cfg.eval.forget_every, cfg.eval.forget_sample, cfg.eval.fluency_every) == (100, 500, 0)
+    assert cfg.sample.index == 1 and cfg.sample.n_edits == 5000 and cfg.checkpoint.every == 50
+
+
+@pytest.mark.parametrize("experiment", ["smollm2_curves", "smollm2_long"])
+def test_the_results_experiments_run_tiny(experiment, tmp_path, data_root):
+    """Each experiment behind docs/results runs end to end on a tiny model, its schedule shrunk
+    to a few edits: the data, rounds and summary it composes work together."""
+    from editlab.run import run
+
+    cfg = compose(f"experiment={experiment}", "model=tiny-llama", "method=ft", "method.steps=2",
+                  "sample.n_edits=4", "eval.forget_every=2", "eval.downstream_every=4",
+                  "eval.downstream_n=4", f"eval.fluency_every={4 if experiment == 'smollm2_curves' else 0}",
+                  f"run_dir={tmp_path}")
+    if experiment == "smollm2_long":
+        cfg.eval.forget_sample = 1
+    run(cfg, tmp_path)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["edit"] for r in recs] == [0, 1, 2, 3, 4]
+    assert {"forget/frac"} <= recs[2].keys() and {"forget/frac"} <= recs[4].keys()
+    if experiment == "smollm2_long":  # 1 of the 3 earlier edits scored at edit 4
+        assert recs[4]["forget/n_earlier"] == 3 and recs[4]["forget/sampled"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["n_edits"] == 4
