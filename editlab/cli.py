@@ -38,6 +38,7 @@ SUBCOMMANDS = {
     "report": "editlab.report",  # the paper's figures as a W&B report (issue 6)
     "train-mend": "editlab.mend.train",  # train a MEND editor network (issue 9)
     "compare": "editlab.compare",  # one table of many runs at the same edit (issue 8)
+    "snapshot": "editlab.snapshot",  # finish a copy of a running stream at a checkpoint (issue 16)
 }
 
 

@@ -75,6 +75,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                         progress=cfg.stream.progress)
     if resume_from is not None:
         ckpts.restore(resume_from, stream)  # the model is unedited until here: prepare saw base weights
+        planned = resume_from.state["config"]["sample"]["n_edits"]
+        if resume_from.edit == len(requests) < planned:  # a longer run ended at its checkpoint
+            stream.close_early(planned)
     stream.on_step.append(ckpts.on_step)
     try:
         state = stream.run()

@@ -99,6 +99,16 @@ class EditStream:
                     bar.set_postfix(es=f"{metrics.get(windowed_es, metrics['edit/es']):.2f}")
         return self.state
 
+    def close_early(self, planned: int) -> None:
+        """After a resume at the stream's end, from a run that was planned to ``planned`` edits:
+        log, at the last edit, the measurements a stream of this length takes there (see
+        :meth:`Evaluator.close_early`).  A second record at the same edit adds to the first."""
+        n = self.state.n_done
+        prev = (n - 1) // self.batch_size * self.batch_size  # steps start at multiples of the batch size
+        metrics = self.evaluator.close_early(prev, n, self.requests[prev:n], planned)
+        if metrics:
+            self.tracker.log(metrics, n)
+
     def step(self, batch: Sequence[EditRequest], prev: int, now: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {}

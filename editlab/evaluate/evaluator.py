@@ -105,35 +105,59 @@ class Evaluator:
         metrics: dict[str, float] = {}
         per_request: list[dict] = []
         if due(self.cfg.new_edit_every, prev, now, self.n_edits) or self.cfg.new_edit_every == 1:
-            per_request = self.new_edit_scores(batch)
-            for key in per_request[0]:
-                vals = [r[key] for r in per_request if key in r]
-                metrics[f"edit/{key}"] = sum(vals) / len(vals)
-            self.history["efficacy"].append((now, metrics[f"edit/{self.efficacy_key}"]))
-            for r in per_request:
-                for d in self.windows.values():
-                    d.append({k: r[k] for k in self.windowed if k in r})
-            for w, d in self.windows.items():
-                for key in self.windowed:
-                    vals = [x[key] for x in d if key in x]
-                    if vals:
-                        metrics[f"window{w}/{key}"] = sum(vals) / len(vals)
+            metrics, per_request = self._new_edits(batch, now)
         if self.forget is not None:
             # What held when made; a forgetting round only re-scores edits of earlier steps.
             self.forget.record(self.lm.model, self.lm.tok, batch)
         metrics.update(self._scheduled(prev, now))
         return metrics, per_request
 
-    def _scheduled(self, prev: int, now: int) -> dict[str, float]:
+    def close_early(self, prev: int, now: int, batch: Sequence[EditRequest], planned: int) -> dict[str, float]:
+        """The measurements a stream ending at ``now`` takes after its last step, ``prev..now``,
+        that the run it is resumed from skipped there because it was planned to ``planned`` edits:
+        its checkpoint at ``now`` then ends a run that asked for ``now`` edits exactly as that run ends."""
+        def fires(period: int) -> bool:
+            return due(period, prev, now, now) and not due(period, prev, now, planned)
+
         metrics: dict[str, float] = {}
-        if due(self.cfg.distance_every, prev, now, self.n_edits) and now > 0:
+        if fires(self.cfg.new_edit_every) and self.cfg.new_edit_every != 1:
+            metrics, _ = self._new_edits(batch, now)
+        metrics.update(self._scheduled(prev, now, fires))
+        return metrics
+
+    def _new_edits(self, batch: Sequence[EditRequest], now: int) -> tuple[dict[str, float], list[dict]]:
+        """The step's new edits scored, their means, and the windows' means once they are added."""
+        metrics: dict[str, float] = {}
+        per_request = self.new_edit_scores(batch)
+        for key in per_request[0]:
+            vals = [r[key] for r in per_request if key in r]
+            metrics[f"edit/{key}"] = sum(vals) / len(vals)
+        self.history["efficacy"].append((now, metrics[f"edit/{self.efficacy_key}"]))
+        for r in per_request:
+            for d in self.windows.values():
+                d.append({k: r[k] for k in self.windowed if k in r})
+        for w, d in self.windows.items():
+            for key in self.windowed:
+                vals = [x[key] for x in d if key in x]
+                if vals:
+                    metrics[f"window{w}/{key}"] = sum(vals) / len(vals)
+        return metrics, per_request
+
+    def _scheduled(self, prev: int, now: int, fires: Callable[[int], bool] | None = None) -> dict[str, float]:
+        """The periodic measurements ``fires`` (default: the schedule of this stream's length) picks."""
+        if fires is None:
+            def fires(period: int) -> bool:
+                return due(period, prev, now, self.n_edits)
+
+        metrics: dict[str, float] = {}
+        if fires(self.cfg.distance_every) and now > 0:
             metrics.update(self.distance_metrics())
             self.history["distance"].append((now, metrics.get("distance/mean", 0.0)))
-        if self.forget is not None and due(self.cfg.forget_every, prev, now, self.n_edits) and prev > 0:
+        if self.forget is not None and fires(self.cfg.forget_every) and prev > 0:
             metrics.update(self.forget.round(self.lm.model, self.lm.tok, self.requests[:prev], now))
-        if self.fluency is not None and due(self.cfg.fluency_every, prev, now, self.n_edits):
+        if self.fluency is not None and fires(self.cfg.fluency_every):
             metrics.update(self.fluency.round(self.lm.model, self.lm.tok))
-        if self.downstream is not None and due(self.cfg.downstream_every, prev, now, self.n_edits):
+        if self.downstream is not None and fires(self.cfg.downstream_every):
             scores = self.downstream.round()
             metrics.update(scores)
             mean = scores.get("downstream/mean_f1_gen", scores.get("downstream/mean_f1_lik"))
