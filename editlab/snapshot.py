@@ -48,13 +48,17 @@ def copy_run(run_dir: Path, out: Path, at_edit: int = -1) -> int:
     if out.exists() and any(out.iterdir()):
         raise SnapshotError(f"out={out} exists and is not empty; a snapshot writes into a fresh directory")
     # metrics.jsonl last: it only grows, so it then holds every line the checkpoint counts.
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
-    (out / "checkpoints" / "LATEST").write_text(ckpt.name)
-    if (run_dir / "ledger").is_dir():
-        shutil.copytree(run_dir / "ledger", out / "ledger")
-    for name in ("config.json", "metrics.jsonl"):
-        shutil.copy2(run_dir / name, out / name)
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+        (out / "checkpoints" / "LATEST").write_text(ckpt.name)
+        if (run_dir / "ledger").is_dir():
+            shutil.copytree(run_dir / "ledger", out / "ledger")
+        for name in ("config.json", "metrics.jsonl"):
+            shutil.copy2(run_dir / name, out / name)
+    except FileNotFoundError as e:  # the running stream pruned the checkpoint while it was copied
+        shutil.rmtree(out, ignore_errors=True)
+        raise SnapshotError(f"{ckpt} went away while it was copied ({e}); run the snapshot again") from e
     return edit
 
 
