@@ -248,6 +248,15 @@ def test_the_long_stream_experiment_samples_its_forgetting_rounds():
     assert cfg.sample.index == 1 and cfg.sample.n_edits == 5000 and cfg.checkpoint.every == 50
 
 
+def test_the_long_stream_experiment_composes_the_committed_long_runs_settings():
+    """The long MEMIT stream in docs/results was run with ``experiment=smollm2_long``."""
+    saved = json.loads((ROOT / "docs" / "results" / "memit-smollm2-edit-sample1" / "config.json").read_text())
+    cfg = compose("experiment=smollm2_long", "method=memit", f"sample.n_edits={saved['sample']['n_edits']}")
+    for section in ("model", "sample", "eval"):
+        assert OmegaConf.to_container(cfg[section], resolve=True) == saved[section], section
+    assert cfg.data.counterfact == saved["data"]["counterfact"]
+
+
 @pytest.mark.parametrize("experiment", ["smollm2_curves", "smollm2_long"])
 def test_the_results_experiments_run_tiny(experiment, tmp_path, data_root):
     """Each experiment behind docs/results runs end to end on a tiny model, its schedule shrunk
