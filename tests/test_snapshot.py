@@ -35,7 +35,10 @@ def test_snapshot_at_a_checkpoint_equals_the_shorter_run(tmp_path, data_root, at
     long_run, short_run, snap = tmp_path / "long", tmp_path / "short", tmp_path / "snap"
     run(compose(*ARGS, *sparse, "sample.n_edits=6"), long_run)
     run(compose(*ARGS, *sparse, f"sample.n_edits={at}"), short_run)
-    before = {p.name: p.read_bytes() for p in long_run.rglob("*") if p.is_file()}
+    def files(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+    before = files(long_run)
 
     summary = snapshot(str(long_run), str(snap), at_edit=at)
 
@@ -51,7 +54,7 @@ def test_snapshot_at_a_checkpoint_equals_the_shorter_run(tmp_path, data_root, at
     b = read_checkpoint(short_run / "checkpoints" / f"ckpt-{at:07d}").deltas
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     # the source run is untouched, and the copy tracks locally whatever the run used
-    assert {p.name: p.read_bytes() for p in long_run.rglob("*") if p.is_file()} == before
+    assert files(long_run) == before
     assert json.loads((snap / "config.json").read_text())["tracker"]["name"] == "none"
 
 

@@ -120,7 +120,7 @@ class Evaluator:
             return due(period, prev, now, now) and not due(period, prev, now, planned)
 
         metrics: dict[str, float] = {}
-        if fires(self.cfg.new_edit_every) and self.cfg.new_edit_every != 1:
+        if fires(self.cfg.new_edit_every):  # never with period 1: every step scored them
             metrics, _ = self._new_edits(batch, now)
         metrics.update(self._scheduled(prev, now, fires))
         return metrics
