@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from editlab.args import parse_args
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 SCORE_LIMITS = (-0.03, 1.03)
+SE_ALPHA = 0.2
 
 
 @dataclass
@@ -133,6 +137,8 @@ def draw_figure(title: str, panels: list[Panel], runs: list[RunResult], colors: 
                 edits, vals = run.series[key]
                 ax.plot(edits, vals, style, color=colors[run.method], lw=1.3 if len(edits) < 500 else 0.7,
                         alpha=0.85, marker="o" if len(edits) == 1 else None, ms=3)  # thin: long noisy curves
+                if _draw_se_band(ax, run, key, colors[run.method]):
+                    drawn.add("se")
             if run.collapse_edit is not None and panel.lines(run):
                 ax.axvline(run.collapse_edit, color=colors[run.method], ls=":", lw=1)
         ax.set_title(panel.title, fontsize=10)
@@ -153,8 +159,26 @@ def draw_figure(title: str, panels: list[Panel], runs: list[RunResult], colors: 
     handles += [Line2D([], [], color="black", ls=s, lw=1.3, label=meaning) for s, meaning in styles.items()]
     if any(r.collapse_edit is not None for r in runs):
         handles.append(Line2D([], [], color="gray", ls=":", lw=1, label="collapse detected"))
+    if "se" in drawn:
+        handles.append(Patch(color="gray", alpha=SE_ALPHA, label="± 1 standard error (sampled rounds)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=9, frameon=False)
     return fig
+
+
+def _draw_se_band(ax, run: RunResult, key: str, color: str) -> bool:
+    """Shade ± one standard error around ``key`` where the run logged ``<key>_se``: rounds over a
+    sample of earlier edits (``eval.forget_sample``) are estimates, and their noise must show."""
+    if f"{key}_se" not in run.series:
+        return False
+    edits, vals = run.series[key]
+    se_edits, se = run.series[f"{key}_se"]
+    at = dict(zip(se_edits.tolist(), se.tolist()))
+    rows = [(e, v, at[e]) for e, v in zip(edits.tolist(), vals.tolist()) if e in at and math.isfinite(at[e])]
+    if not rows:
+        return False
+    x, y, err = (np.array(c) for c in zip(*rows))
+    ax.fill_between(x, y - err, y + err, color=color, alpha=SE_ALPHA, lw=0)
+    return True
 
 
 def _spans_decades(ax) -> bool:

@@ -97,6 +97,33 @@ def test_plots_from_two_runs_have_every_panel(two_runs, tmp_path):
     assert json.loads((out / "index.json").read_text()) == index
 
 
+def test_sampled_forgetting_rounds_are_drawn_with_their_standard_error(two_runs):
+    """A round over a sample of earlier edits logs ``forget/frac_se``; the curve gets a ± 1 SE band
+    exactly that wide, and a run scored over all its earlier edits gets none."""
+    from matplotlib.collections import PolyCollection
+
+    from editlab.plots import draw_figure, figure_specs, method_colors
+
+    sampled = two_runs[1] / "metrics.jsonl"
+    recs = [json.loads(line) for line in sampled.read_text().splitlines()]
+    for r in recs:
+        if "forget/frac" in r:
+            r["forget/frac_se"] = 0.01 * (1 + r["edit"] % 3)
+    sampled.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    runs = [load_run(d) for d in two_runs]
+    title, panels = figure_specs(runs)["forgetting"]
+    fig = draw_figure(title, panels, runs, method_colors(runs))
+    frac_ax, count_ax = fig.axes[:2]
+    bands = [c for c in frac_ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1  # memit's only; rome logged no standard error
+    edits, frac = runs[1].series["forget/frac"]
+    _, se = runs[1].series["forget/frac_se"]
+    top = bands[0].get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx((frac + se).max())
+    assert not [c for c in count_ax.collections if isinstance(c, PolyCollection)]
+    assert "± 1 standard error (sampled rounds)" in [t.get_text() for t in fig.legends[0].get_texts()]
+
+
 def test_table3_from_synthetic_curves(two_runs):
     rome, memit = (table3(load_run(d)) for d in two_runs)
     assert rome["collapsed"] and rome["edits_before_collapse"] == 119
