@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 SCORE_LIMITS = (-0.03, 1.03)
 SE_ALPHA = 0.2
+BREAKDOWN_ALPHA = 0.12
 
 
 @dataclass
@@ -141,6 +142,8 @@ def draw_figure(title: str, panels: list[Panel], runs: list[RunResult], colors: 
                     drawn.add("se")
             if run.collapse_edit is not None and panel.lines(run):
                 ax.axvline(run.collapse_edit, color=colors[run.method], ls=":", lw=1)
+            elif run.breakdown is not None and panel.lines(run):
+                ax.axvspan(*run.breakdown, color=colors[run.method], alpha=BREAKDOWN_ALPHA, lw=0)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("number of edits")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -159,6 +162,9 @@ def draw_figure(title: str, panels: list[Panel], runs: list[RunResult], colors: 
     handles += [Line2D([], [], color="black", ls=s, lw=1.3, label=meaning) for s, meaning in styles.items()]
     if any(r.collapse_edit is not None for r in runs):
         handles.append(Line2D([], [], color="gray", ls=":", lw=1, label="collapse detected"))
+    if any(r.collapse_edit is None and r.breakdown is not None for r in runs):
+        handles.append(Patch(color="gray", alpha=2 * BREAKDOWN_ALPHA,
+                             label="breakdown: answers stop being label words between these rounds"))
     if "se" in drawn:
         handles.append(Patch(color="gray", alpha=SE_ALPHA, label="± 1 standard error (sampled rounds)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 5), fontsize=9, frameon=False)
@@ -245,6 +251,8 @@ def render_html(index: dict[str, Any], out: Path) -> str:
             v = row.get(key)
             if key == "edits_before_collapse" and not row["collapsed"]:
                 v = f"no collapse in {row['n_edits']}"
+            elif key == "edits_before_collapse" and row.get("breakdown_between") and v == row["breakdown_between"][0]:
+                v = f"{v} (broke down by {row['breakdown_between'][1]})"
             cells.append(_fmt(v))
         link = os.path.relpath(row["run_dir"], out)
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)

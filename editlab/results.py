@@ -21,6 +21,7 @@ COLLAPSE_ONSET = "collapse/onset"
 DISABLING = "collapse/disabling"
 CONFIRMED = "collapse/confirmed"
 FORGET_FRACTION = "forget/frac"
+BREAKDOWN_INVALID = 0.5  # most answers are no label word: the model has stopped answering
 
 
 @dataclass
@@ -64,6 +65,19 @@ class RunResult:
         c = self.summary.get(COLLAPSE_ONSET)
         return int(c) if isinstance(c, (int, float)) and c >= 0 else None
 
+    @property
+    def breakdown(self) -> tuple[int, int] | None:
+        """The downstream rounds between which the model stopped giving label words as answers
+        (``evaluate.collapse.breakdown``), read from the mean over tasks of ``invalid``."""
+        keys = [k for k in self.keys("downstream/") if k.endswith("/invalid") and k.count("/") == 2]
+        if not keys:
+            return None
+        rounds: dict[int, list[float]] = {}
+        for k in keys:
+            for e, v in zip(*self.series[k]):
+                rounds.setdefault(int(e), []).append(float(v))
+        return breakdown([(e, sum(v) / len(v)) for e, v in sorted(rounds.items())])
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
@@ -101,6 +115,24 @@ def load_run(run_dir: str | Path) -> RunResult:
         edits = np.array(sorted(by_edit), dtype=np.int64)
         series[k] = (edits, np.array([by_edit[e] for e in edits]))
     return RunResult(run_dir, _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json"), series)
+
+
+def breakdown(invalid: list[tuple[int, float]], threshold: float = BREAKDOWN_INVALID) -> tuple[int, int] | None:
+    """A collapse without a jump: ``(after, at)``, where ``at`` is the first downstream round at
+    which the fraction of generated few-shot answers that are no label word exceeds ``threshold``
+    and ``after`` the round before, so the model broke in edits after+1..at.
+
+    Edits that pile up smoothly can still leave a model emitting word salad; the onset's distance
+    jump (``evaluate/collapse.py``) never fires then.  ``invalid`` holds one point per round, the
+    first at edit 0.  None when the unedited model itself does not answer (a random tiny model)
+    or no round lost its answers."""
+    points = sorted(invalid)
+    if not points or points[0][0] != 0 or points[0][1] > threshold:
+        return None
+    for (prev, _), (edit, v) in zip(points, points[1:]):
+        if v > threshold:
+            return prev, edit
+    return None
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -152,6 +184,10 @@ def downstream_changes(run: RunResult, edit: int) -> list[float]:
 def table3(run: RunResult) -> dict[str, Any]:
     """The paper's Table 3 for one run, measured up to the collapse point (or the run's end).
 
+    The collapse point is the detected onset; a run without one that broke down (its answers
+    stopped being label words between two downstream rounds) is measured up to the last round
+    at which it still answered, and ``breakdown_between`` gives those two rounds.
+
     efficacy_until_collapse: mean efficacy of each edit when it was made, over edits before
         collapse; edits_before_collapse: edits applied before the collapse edit (all, if none);
     forgetting_pct: fraction of earlier successful edits forgotten at the last forgetting point
@@ -162,9 +198,14 @@ def table3(run: RunResult) -> dict[str, Any]:
     """
     last = int(max((e[-1] for e, _ in run.series.values() if len(e)), default=0))
     n_edits = int(run.summary.get("n_edits", last))
-    collapse = run.collapse_edit
-    end = collapse - 1 if collapse is not None else n_edits  # edits before the collapsing one (batch size 1)
-    row: dict[str, Any] = {"collapsed": collapse is not None, "edits_before_collapse": max(end, 0), "n_edits": n_edits}
+    collapse, broke = run.collapse_edit, run.breakdown
+    if collapse is not None:
+        end = collapse - 1  # edits before the collapsing one (batch size 1)
+    else:
+        end = broke[0] if broke is not None else n_edits
+    row: dict[str, Any] = {"collapsed": collapse is not None or broke is not None,
+                           "edits_before_collapse": max(end, 0), "n_edits": n_edits,
+                           "breakdown_between": list(broke) if broke is not None else None}
 
     es = run.series.get("edit/es", run.series.get("edit/rewrite_acc"))  # zsRE: rewrite token accuracy
     if es is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from editlab.plots import main as plot_main
 from editlab.plots import plot_runs
-from editlab.results import find_runs, load_run, table3
+from editlab.results import breakdown, find_runs, load_run, table3, value_at
 
 TASKS = ("sst2", "mrpc", "rte", "cola")
 
@@ -22,7 +22,8 @@ def write_synthetic_run(run_dir: Path, method: str, model: str = "tiny-gpt2", sa
     rng = random.Random(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     windows = {5: [], 50: []}
-    base = {f"downstream/{t}/f1_{k}": 0.7 for t in TASKS for k in ("gen", "lik")}
+    base = {**{f"downstream/{t}/f1_{k}": 0.7 for t in TASKS for k in ("gen", "lik")},
+            **{f"downstream/{t}/invalid": 0.0 for t in TASKS}}
     recs, forgotten = [{"edit": 0, **base, "downstream/mean_f1_gen": 0.7, "downstream/mean_f1_lik": 0.7}], 0
     for e in range(1, n + 1):
         broken = collapse is not None and e >= collapse
@@ -133,6 +134,59 @@ def test_table3_from_synthetic_curves(two_runs):
     assert not memit["collapsed"] and memit["edits_before_collapse"] == 200
     assert memit["single_disabling_edit"] == "no"
     assert 0 <= memit["forgetting_pct"] <= 100
+
+
+def _stop_answering(run_dir: Path, from_edit: int) -> None:
+    """Every generated answer from ``from_edit`` on is no label word: F1 0, invalid 1."""
+    path = run_dir / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in recs:
+        if r["edit"] >= from_edit and "downstream/mean_f1_gen" in r:
+            r.update({f"downstream/{t}/invalid": 1.0 for t in TASKS})
+            r.update({f"downstream/{t}/f1_gen": 0.0 for t in TASKS})
+            r["downstream/mean_f1_gen"] = 0.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_a_breakdown_without_a_distance_jump_is_a_collapse(two_runs, tmp_path):
+    """MEMIT's edits can pile up smoothly into a model that answers in word salad: no step jumps,
+    efficacy holds, but the answers stop being label words.  Table 3 then measures up to the last
+    downstream round that still answered; the figures shade the two rounds around the breakdown."""
+    from matplotlib.patches import Polygon, Rectangle
+
+    from editlab.plots import draw_figure, figure_specs, method_colors
+
+    memit = two_runs[1]
+    before = table3(load_run(memit))
+    assert not before["collapsed"] and before["breakdown_between"] is None
+    _stop_answering(memit, 155)  # rounds every 10: the model still answered at 150, not at 160
+    run = load_run(memit)
+    assert run.collapse_edit is None and run.breakdown == (150, 160)
+    row = table3(run)
+    assert row["collapsed"] and row["edits_before_collapse"] == 150 and row["breakdown_between"] == [150, 160]
+    assert row["forgetting_pct"] == pytest.approx(100 * value_at(run, "forget/frac", 150))
+    assert row["downstream_loss"] > 0 and row["downstream_loss"] < 50  # at 150, before the answers went
+    rome = table3(load_run(two_runs[0]))  # a detected onset decides where there is one
+    assert rome["edits_before_collapse"] == 119 and rome["breakdown_between"] is None
+
+    runs = [load_run(d) for d in two_runs]
+    title, panels = figure_specs(runs)["forgetting"]
+    fig = draw_figure(title, panels, runs, method_colors(runs))
+    spans = [p for p in fig.axes[0].patches if isinstance(p, (Polygon, Rectangle))]
+    assert len(spans) == 1
+    assert spans[0].get_path().transformed(spans[0].get_patch_transform()).vertices[:, 0].min() == pytest.approx(150)
+    index = plot_runs(two_runs, tmp_path / "plots")
+    assert "150 (broke down by 160)" in (tmp_path / "plots" / "report.html").read_text()
+    assert [r["breakdown_between"] for r in index["table"]] == [[150, 160], None]
+
+
+def test_breakdown_needs_an_unedited_model_that_answers():
+    assert breakdown([(0, 0.0), (100, 0.1), (200, 0.9), (300, 1.0)]) == (100, 200)
+    assert breakdown([(200, 0.9), (0, 0.0)]) == (0, 200)  # rounds in any order
+    assert breakdown([(0, 0.9), (100, 1.0)]) is None  # a random tiny model never answered
+    assert breakdown([(100, 0.0), (200, 1.0)]) is None  # no round of the unedited model
+    assert breakdown([(0, 0.0), (100, 0.5)]) is None  # exactly half: still answering
+    assert breakdown([]) is None
 
 
 def test_absent_namespaces_are_skipped(tmp_path):

@@ -11,6 +11,9 @@ downstream F1 of each downstream round (its first point is the unedited model).
   median *and* after which new-edit efficacy falls by ``es_drop`` (mean over ``window`` steps
   after vs before) *and* the next downstream round's F1 is ``f1_drop`` below the last one before
   (this last condition is skipped when no downstream round brackets the step).
+
+A collapse without a jump, a *breakdown*, is read from the logged downstream rounds by
+``editlab.results.breakdown``.
 """
 from __future__ import annotations
 
