@@ -1,7 +1,7 @@
 """The ``key=value`` command lines of the ``editlab <command>`` subcommands.
 
 The stream itself is configured through Hydra; its subcommands (plot, compare, report, export,
-snapshot, train-mend) take the same ``key=value`` form without composing a config.  A command lists its
+snapshot, probe, train-mend) take the same ``key=value`` form without composing a config.  A command lists its
 arguments with their defaults, and a default's type says how a value is read: a list takes
 ``key=[a,b]`` or the key repeated (the values add up, replacing the default), a bool takes
 true/false, an int or float must parse as one, and anything else stays the string as typed — a

@@ -39,6 +39,7 @@ SUBCOMMANDS = {
     "train-mend": "editlab.mend.train",  # train a MEND editor network (issue 9)
     "compare": "editlab.compare",  # one table of many runs at the same edit (issue 8)
     "snapshot": "editlab.snapshot",  # finish a copy of a running stream at a checkpoint (issue 16)
+    "probe": "editlab.probe",  # downstream scores and continuations at chosen edits of a run (issue 16)
 }
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -109,6 +110,23 @@ def cumulative_at(run_dir: str | Path, at_edit: int | None = None, undo=()) -> t
     return cum, meta
 
 
+def load_base_model(run_dir: str | Path, model_id: str, device: str | None = None,
+                    cache_dir: str | None = None) -> tuple[Any, dict]:
+    """The unedited model a run edited, loaded from its ``config.json``, and that config; an
+    :class:`ExportError` when it is not the model its checkpoints were written over."""
+    from editlab.models import load_model
+
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    model_cfg = OmegaConf.create(config["model"])
+    if device:
+        model_cfg.device = device
+    lm = load_model(model_cfg, cache_dir or config["cache_dir"], seed=config["seed"])
+    if lm.model_id != model_id:
+        raise ExportError(f"{run_dir}/config.json loads base model {lm.model_id!r} but the checkpoints were "
+                          f"written over {model_id!r}")
+    return lm, config
+
+
 def export(run_dir: str | Path, out: str | Path, at_edit: int | None = None, undo=(), format: str = "delta",
            device: str | None = None, cache_dir: str | None = None) -> Path:
     if format not in ("delta", "model"):
@@ -124,16 +142,8 @@ def export(run_dir: str | Path, out: str | Path, at_edit: int | None = None, und
         return out
 
     from editlab.deltas import WeightWriter
-    from editlab.models import load_model
 
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    model_cfg = OmegaConf.create(config["model"])
-    if device:
-        model_cfg.device = device
-    lm = load_model(model_cfg, cache_dir or config["cache_dir"], seed=config["seed"])
-    if lm.model_id != meta["model_id"]:
-        raise ExportError(f"{run_dir}/config.json loads base model {lm.model_id!r} but the checkpoints were "
-                          f"written over {meta['model_id']!r}")
+    lm, _ = load_base_model(run_dir, meta["model_id"], device, cache_dir)
     WeightWriter(lm.model).restore(cum)
     out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(out, safe_serialization=True)
