@@ -142,8 +142,8 @@ def draw_figure(title: str, panels: list[Panel], runs: list[RunResult], colors: 
                     drawn.add("se")
             if run.collapse_edit is not None and panel.lines(run):
                 ax.axvline(run.collapse_edit, color=colors[run.method], ls=":", lw=1)
-            elif run.breakdown is not None and panel.lines(run):
-                ax.axvspan(*run.breakdown, color=colors[run.method], alpha=BREAKDOWN_ALPHA, lw=0)
+            if run.first_breakdown is not None and panel.lines(run):
+                ax.axvspan(*run.first_breakdown, color=colors[run.method], alpha=BREAKDOWN_ALPHA, lw=0)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("number of edits")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -162,7 +162,7 @@ def draw_figure(title: str, panels: list[Panel], runs: list[RunResult], colors: 
     handles += [Line2D([], [], color="black", ls=s, lw=1.3, label=meaning) for s, meaning in styles.items()]
     if any(r.collapse_edit is not None for r in runs):
         handles.append(Line2D([], [], color="gray", ls=":", lw=1, label="collapse detected"))
-    if any(r.collapse_edit is None and r.breakdown is not None for r in runs):
+    if any(r.first_breakdown is not None for r in runs):
         handles.append(Patch(color="gray", alpha=2 * BREAKDOWN_ALPHA,
                              label="breakdown: answers stop being label words between these rounds"))
     if "se" in drawn:

@@ -78,6 +78,12 @@ class RunResult:
                 rounds.setdefault(int(e), []).append(float(v))
         return breakdown([(e, sum(v) / len(v)) for e, v in sorted(rounds.items())])
 
+    @property
+    def first_breakdown(self) -> tuple[int, int] | None:
+        """The breakdown where it marks the collapse: no onset comes before or within its rounds."""
+        broke, onset = self.breakdown, self.collapse_edit
+        return broke if broke is not None and (onset is None or onset > broke[1]) else None
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
@@ -184,9 +190,9 @@ def downstream_changes(run: RunResult, edit: int) -> list[float]:
 def table3(run: RunResult) -> dict[str, Any]:
     """The paper's Table 3 for one run, measured up to the collapse point (or the run's end).
 
-    The collapse point is the detected onset; a run without one that broke down (its answers
-    stopped being label words between two downstream rounds) is measured up to the last round
-    at which it still answered, and ``breakdown_between`` gives those two rounds.
+    The collapse point is the detected onset.  A run that broke down (its answers stopped being
+    label words between two downstream rounds, ``breakdown_between``) with no onset up to the
+    later of those rounds is measured up to the earlier one, the last at which it still answered.
 
     efficacy_until_collapse: mean efficacy of each edit when it was made, over edits before
         collapse; edits_before_collapse: edits applied before the collapse edit (all, if none);
@@ -198,11 +204,13 @@ def table3(run: RunResult) -> dict[str, Any]:
     """
     last = int(max((e[-1] for e, _ in run.series.values() if len(e)), default=0))
     n_edits = int(run.summary.get("n_edits", last))
-    collapse, broke = run.collapse_edit, run.breakdown
-    if collapse is not None:
+    collapse, broke, first = run.collapse_edit, run.breakdown, run.first_breakdown
+    if first is not None:
+        end = first[0]  # the model had stopped answering before any onset: the last round it answered
+    elif collapse is not None:
         end = collapse - 1  # edits before the collapsing one (batch size 1)
     else:
-        end = broke[0] if broke is not None else n_edits
+        end = n_edits
     row: dict[str, Any] = {"collapsed": collapse is not None or broke is not None,
                            "edits_before_collapse": max(end, 0), "n_edits": n_edits,
                            "breakdown_between": list(broke) if broke is not None else None}

@@ -168,16 +168,21 @@ def test_a_breakdown_without_a_distance_jump_is_a_collapse(two_runs, tmp_path):
     assert row["downstream_loss"] > 0 and row["downstream_loss"] < 50  # at 150, before the answers went
     rome = table3(load_run(two_runs[0]))  # a detected onset decides where there is one
     assert rome["edits_before_collapse"] == 119 and rome["breakdown_between"] is None
+    _stop_answering(two_runs[0], 115)  # ... within or after the breakdown's rounds
+    assert table3(load_run(two_runs[0]))["edits_before_collapse"] == 119
+    _stop_answering(two_runs[0], 95)  # an onset after the model had stopped answering comes too late
+    late = table3(load_run(two_runs[0]))
+    assert late["edits_before_collapse"] == 90 and late["breakdown_between"] == [90, 100]
 
     runs = [load_run(d) for d in two_runs]
     title, panels = figure_specs(runs)["forgetting"]
     fig = draw_figure(title, panels, runs, method_colors(runs))
     spans = [p for p in fig.axes[0].patches if isinstance(p, (Polygon, Rectangle))]
-    assert len(spans) == 1
-    assert spans[0].get_path().transformed(spans[0].get_patch_transform()).vertices[:, 0].min() == pytest.approx(150)
+    starts = sorted(p.get_path().transformed(p.get_patch_transform()).vertices[:, 0].min() for p in spans)
+    assert starts == pytest.approx([90, 150])  # rome's too: it stopped answering before its onset
     index = plot_runs(two_runs, tmp_path / "plots")
     assert "150 (broke down by 160)" in (tmp_path / "plots" / "report.html").read_text()
-    assert [r["breakdown_between"] for r in index["table"]] == [[150, 160], None]
+    assert [r["breakdown_between"] for r in index["table"]] == [[150, 160], [90, 100]]
 
 
 def test_breakdown_needs_an_unedited_model_that_answers():
