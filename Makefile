@@ -57,7 +57,8 @@ MEND_STEPS ?= 1100
 .PHONY: result figures
 result:
 	mkdir -p docs/results/$(NAME)
-	cd $(RUN) && cp metrics.jsonl config.json $(CURDIR)/docs/results/$(NAME)/ && \
+	cd $(RUN) && gzip -9 -n -c metrics.jsonl > $(CURDIR)/docs/results/$(NAME)/metrics.jsonl.gz && \
+		rm -f $(CURDIR)/docs/results/$(NAME)/metrics.jsonl && cp config.json $(CURDIR)/docs/results/$(NAME)/ && \
 		for f in summary.json forgetting.json; do [ ! -f $$f ] || cp $$f $(CURDIR)/docs/results/$(NAME)/; done
 
 # The reproduction's runs (original schema, up to ~1,000 edits) and the long streams over

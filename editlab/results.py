@@ -4,6 +4,7 @@ in ``report.html`` and in W&B's ``paper/*`` summary keys are the same numbers.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -94,12 +95,20 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+METRICS_FILES = ("metrics.jsonl", "metrics.jsonl.gz")  # a long run's committed copy is gzipped
+
+
+def metrics_file(run_dir: Path) -> Path | None:
+    return next((run_dir / n for n in METRICS_FILES if (run_dir / n).exists()), None)
+
+
 def load_run(run_dir: str | Path) -> RunResult:
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
+    metrics = metrics_file(run_dir)
+    if metrics is None:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this an editlab run dir?)")
-    lines = metrics.read_text().splitlines()
+    text = gzip.decompress(metrics.read_bytes()).decode() if metrics.suffix == ".gz" else metrics.read_text()
+    lines = text.splitlines()
     points: dict[str, dict[int, float]] = {}
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -149,10 +158,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if not matches:
             raise FileNotFoundError(f"run_dir={p}: nothing matches")
         for m in matches:
-            if (m / "metrics.jsonl").exists():
+            if metrics_file(m) is not None:
                 found.append(m)
             elif m.is_dir():
-                below = sorted(q.parent for q in m.rglob("metrics.jsonl"))
+                below = sorted({q.parent for n in METRICS_FILES for q in m.rglob(n)})
                 if not below:
                     raise FileNotFoundError(f"run_dir={m}: no metrics.jsonl in it or below it")
                 found.extend(below)

@@ -205,6 +205,23 @@ def test_absent_namespaces_are_skipped(tmp_path):
     assert figs["rewrite"]["panels"] == ["Efficacy (window 5)", "Efficacy (window 50)"]
 
 
+def test_a_gzipped_metrics_file_reads_as_the_plain_one(two_runs, tmp_path):
+    """Long runs' committed copies keep ``metrics.jsonl.gz`` (``make result``)."""
+    import gzip
+    import shutil
+
+    packed = tmp_path / "packed" / "memit"
+    shutil.copytree(two_runs[1], packed)
+    src = packed / "metrics.jsonl"
+    (packed / "metrics.jsonl.gz").write_bytes(gzip.compress(src.read_bytes()))
+    src.unlink()
+    assert find_runs([tmp_path / "packed"]) == [packed]
+    plain, gz = load_run(two_runs[1]), load_run(packed)
+    assert plain.series.keys() == gz.series.keys()
+    assert all((plain.series[k][1] == gz.series[k][1]).all() for k in plain.series)
+    assert table3(plain) == table3(gz)
+
+
 def test_bad_input_names_the_file(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
