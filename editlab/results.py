@@ -9,6 +9,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,11 @@ class RunResult:
         c = self.summary.get(COLLAPSE_ONSET)
         return int(c) if isinstance(c, (int, float)) and c >= 0 else None
 
-    @property
+    @cached_property  # every panel of every figure asks
     def breakdown(self) -> tuple[int, int] | None:
         """The downstream rounds between which the model stopped giving label words as answers
-        (``evaluate.collapse.breakdown``), read from the mean over tasks of ``invalid``."""
-        keys = [k for k in self.keys("downstream/") if k.endswith("/invalid") and k.count("/") == 2]
+        (:func:`breakdown`), read from the mean over tasks of ``invalid``."""
+        keys = [k for t in downstream_tasks(self) if (k := f"downstream/{t}/invalid") in self.series]
         if not keys:
             return None
         rounds: dict[int, list[float]] = {}
